@@ -1,0 +1,127 @@
+"""Typed configuration for puyu, in one place.
+
+`EngineConfig` holds the engine options (names follow LMDeploy's `TurbomindEngineConfig` so users can switch),
+`GenerationConfig` the per-request sampling options (names follow LMDeploy's `GenerationConfig`).
+Both validate themselves and raise `ConfigError` naming the field that is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"{field_name}: {message}")
+
+
+QUANT_POLICIES = (0, 4, 8)
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class EngineConfig:
+    """Options of the native engine (and, where they apply, of TurboMind)."""
+
+    quant_policy: int = 0
+    session_len: Optional[int] = None  # None: the model's max context
+    cache_block_seq_len: int = 64
+    # < 1.0: fraction of free memory for the KV cache; >= 1: an absolute number of blocks
+    cache_max_entry_count: Union[float, int] = 0.5
+    max_batch_size: int = 64
+    max_prefill_token_num: int = 2048  # token budget of one step (chunked prefill above it)
+    enable_prefix_caching: bool = True
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto: the checkpoint's dtype on cuda, float32 on cpu
+    tp: int = 1
+    num_threads: Optional[int] = None  # torch intra-op threads on cpu
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.quant_policy not in QUANT_POLICIES:
+            raise ConfigError("quant_policy", f"must be one of 0 (off), 8 (int8) or 4 (int4), got {self.quant_policy!r}")
+        if self.session_len is not None and (not isinstance(self.session_len, int) or self.session_len < 1):
+            raise ConfigError("session_len", f"must be a positive integer, got {self.session_len!r}")
+        if not isinstance(self.cache_block_seq_len, int) or self.cache_block_seq_len < 1:
+            raise ConfigError("cache_block_seq_len", f"must be a positive integer, got {self.cache_block_seq_len!r}")
+        c = self.cache_max_entry_count
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or c <= 0:
+            raise ConfigError("cache_max_entry_count", f"must be a fraction in (0, 1) or a block count >= 1, got {c!r}")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ConfigError("max_batch_size", f"must be a positive integer, got {self.max_batch_size!r}")
+        if not isinstance(self.max_prefill_token_num, int) or self.max_prefill_token_num < 1:
+            raise ConfigError("max_prefill_token_num", f"must be a positive integer, got {self.max_prefill_token_num!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError("device", f"must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.tp not in (1, 2, 4, 8):
+            raise ConfigError("tp", f"must be 1, 2, 4 or 8, got {self.tp!r}")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown engine option (known: {', '.join(sorted(known))})")
+        return cls(**options)
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling options of one request. `do_sample=False` (the default) is greedy decoding."""
+
+    n: int = 1
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    random_seed: Optional[int] = None
+    stop_words: Optional[list[str]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    logprobs: Optional[int] = None  # None: none; 0: the chosen token's; k: also the top-k alternatives
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(name, f"{what}, got {getattr(self, name)!r}")
+
+        check(isinstance(self.n, int) and self.n == 1, "n", "only n=1 is supported")
+        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0, "min_new_tokens", "must be >= 0")
+        check(isinstance(self.temperature, (int, float)) and self.temperature >= 0, "temperature", "must be >= 0")
+        check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be >= 0")
+        check(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
+              "repetition_penalty", "must be > 0")
+        check(isinstance(self.presence_penalty, (int, float)) and -2 <= self.presence_penalty <= 2,
+              "presence_penalty", "must be in [-2, 2]")
+        check(isinstance(self.frequency_penalty, (int, float)) and -2 <= self.frequency_penalty <= 2,
+              "frequency_penalty", "must be in [-2, 2]")
+        check(self.random_seed is None or isinstance(self.random_seed, int), "random_seed", "must be an integer")
+        check(self.stop_words is None or all(isinstance(s, str) and s for s in self.stop_words),
+              "stop_words", "must be a list of non-empty strings")
+        check(self.stop_token_ids is None or all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", "must be a list of non-negative integers")
+        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+              "logprobs", "must be between 0 and 20")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0 or self.top_k == 1

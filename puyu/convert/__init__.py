@@ -1,0 +1,25 @@
+"""Checkpoint readers and the TurboMind workspace converter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .readers import read_hf_checkpoint
+from .spec import CheckpointError, ModelSpec, read_model_spec
+
+__all__ = ["CheckpointError", "ModelSpec", "is_workspace", "load_model_weights", "read_model_spec"]
+
+
+def is_workspace(path: Path | str) -> bool:
+    return (Path(path) / "triton_models").exists()
+
+
+def load_model_weights(path: Path | str, dtype: torch.dtype | None = None) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """TurboMind-layout tensors at tp=1 from an HF directory or a TurboMind workspace (see DEVELOPERS.md)."""
+    path = Path(path)
+    if is_workspace(path):
+        from .workspace import read_workspace  # written with the on-disk converter
+
+        return read_workspace(path, dtype)
+    return read_hf_checkpoint(path, dtype)

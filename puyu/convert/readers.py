@@ -1,0 +1,185 @@
+"""Read HF checkpoints (InternLM2, Llama, Qwen2) into TurboMind's tensor layout, in memory, at tp=1.
+
+The names produced are TurboMind's file names without the rank (`layers.0.attention.w_qkv.weight`, ...), the shapes
+are those of ../shared/spec/turbomind-format.md: linears transposed to `[in, out]`, fused QKV with the q/k rows permuted
+to interleaved-pair rotary, `output.weight` in HF orientation `[vocab, hidden]`. No vocab/FFN padding at tp=1 beyond
+what the caller asks for: the on-disk writer pads and splits.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .spec import CheckpointError, ModelSpec, read_json, read_model_spec
+
+TensorGetter = Callable[[str], torch.Tensor]
+
+
+class CheckpointFiles:
+    """Lazy access to the tensors of an HF checkpoint: sharded or single safetensors, or `.bin` files."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self._where: dict[str, Path] = {}
+        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self._index()
+
+    def _index(self) -> None:
+        d = self.model_dir
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index_path = d / index_name
+            if index_path.exists():
+                weight_map = read_json(index_path).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise CheckpointError(f"{index_path}: no 'weight_map' in the index")
+                for name, fname in weight_map.items():
+                    path = d / fname
+                    if not path.exists():
+                        raise CheckpointError(f"{path}: shard listed in {index_name} is missing")
+                    self._where[name] = path
+                return
+        files = sorted(d.glob("*.safetensors")) or sorted(d.glob("pytorch_model*.bin"))
+        if not files:
+            raise CheckpointError(f"{d}: no weight files (*.safetensors or pytorch_model*.bin)")
+        for path in files:
+            for name in self._names_in(path):
+                self._where[name] = path
+
+    def _names_in(self, path: Path) -> list[str]:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    return list(f.keys())
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"{path}: corrupt safetensors file ({exc})") from None
+        return list(self._load_bin(path))
+
+    def _load_bin(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._bin_cache:
+            try:
+                self._bin_cache[path] = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot be loaded safely with weights_only=True ({exc})") from None
+        return self._bin_cache[path]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self._where.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.model_dir}: tensor {name!r} not found in the checkpoint")
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    return f.get_tensor(name)
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot read tensor {name!r} ({exc})") from None
+        return self._load_bin(path)[name]
+
+
+def permute_rotary_rows(w: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """HF half-split rotary rows -> TurboMind interleaved pairs: new[h*D + 2j + s] = old[h*D + s*D/2 + j].
+
+    Works on weights `[heads*D, in]`, biases `[heads*D]` and any tensor whose first axis is the output rows.
+    """
+    rest = w.shape[1:]
+    return w.reshape(num_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(num_heads * head_dim, *rest)
+
+
+def _split_internlm2_wqkv(t: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = spec.num_heads // spec.num_kv_heads
+    d = spec.head_dim
+    grouped = t.reshape(spec.num_kv_heads, g + 2, d, *t.shape[1:])
+    q = grouped[:, :g].reshape(spec.num_heads * d, *t.shape[1:])
+    k = grouped[:, g].reshape(spec.num_kv_heads * d, *t.shape[1:])
+    v = grouped[:, g + 1].reshape(spec.num_kv_heads * d, *t.shape[1:])
+    return q, k, v
+
+
+class _HFNames:
+    """The HF tensor names of one architecture."""
+
+    def __init__(self, arch: str):
+        self.arch = arch
+        if arch == "internlm2":
+            self.embed, self.lm_head = "model.tok_embeddings.weight", "output.weight"
+            self.attn_norm, self.ffn_norm = "attention_norm.weight", "ffn_norm.weight"
+            self.o, self.gate, self.up, self.down = ("attention.wo", "feed_forward.w1", "feed_forward.w3",
+                                                     "feed_forward.w2")
+        else:
+            self.embed, self.lm_head = "model.embed_tokens.weight", "lm_head.weight"
+            self.attn_norm, self.ffn_norm = "input_layernorm.weight", "post_attention_layernorm.weight"
+            self.o, self.gate, self.up, self.down = ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                     "mlp.down_proj")
+
+
+def _qkv_parts(get: TensorGetter, prefix: str, spec: ModelSpec, kind: str) -> list[torch.Tensor]:
+    """q, k, v weights (kind='weight') or biases (kind='bias') of one layer, in HF row order."""
+    if spec.arch == "internlm2":
+        return list(_split_internlm2_wqkv(get(f"{prefix}attention.wqkv.{kind}"), spec))
+    return [get(f"{prefix}self_attn.{n}_proj.{kind}") for n in ("q", "k", "v")]
+
+
+def fused_qkv(parts: list[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
+    """Permute q/k rows for interleaved rotary and concatenate q|k|v along the output axis (rows)."""
+    q, k, v = parts
+    q = permute_rotary_rows(q, spec.num_heads, spec.head_dim)
+    k = permute_rotary_rows(k, spec.num_kv_heads, spec.head_dim)
+    return torch.cat([q, k, v], dim=0)
+
+
+def iter_turbomind_tensors(files: CheckpointFiles, spec: ModelSpec,
+                           dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (TurboMind name, tensor) for every weight of the model, at tp=1, unpadded."""
+    names = _HFNames(spec.arch)
+
+    def get(name: str) -> torch.Tensor:
+        t = files.get(name)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    embed = get(names.embed)
+    _check_shape(names.embed, embed, (spec.vocab_size, spec.hidden_size), files)
+    yield "tok_embeddings.weight", embed
+    yield "norm.weight", get("model.norm.weight")
+    lm_head = embed if (spec.tie_word_embeddings and names.lm_head not in files) else get(names.lm_head)
+    _check_shape(names.lm_head, lm_head, (spec.vocab_size, spec.hidden_size), files)
+    yield "output.weight", lm_head
+    qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    for i in range(spec.num_layers):
+        p, tm = f"model.layers.{i}.", f"layers.{i}."
+        qkv = fused_qkv(_qkv_parts(get, p, spec, "weight"), spec)
+        _check_shape(f"{p}qkv", qkv, (qkv_out, spec.hidden_size), files)
+        yield tm + "attention.w_qkv.weight", qkv.t().contiguous()
+        if spec.attn_bias:
+            yield tm + "attention.w_qkv.bias", fused_qkv(_qkv_parts(get, p, spec, "bias"), spec)
+        yield tm + "attention.wo.weight", get(f"{p}{names.o}.weight").t().contiguous()
+        yield tm + "feed_forward.w1.weight", get(f"{p}{names.gate}.weight").t().contiguous()
+        yield tm + "feed_forward.w3.weight", get(f"{p}{names.up}.weight").t().contiguous()
+        yield tm + "feed_forward.w2.weight", get(f"{p}{names.down}.weight").t().contiguous()
+        yield tm + "attention_norm.weight", get(p + names.attn_norm)
+        yield tm + "ffn_norm.weight", get(p + names.ffn_norm)
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], files: CheckpointFiles) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise CheckpointError(f"{files.model_dir}: tensor {name!r} has shape {tuple(t.shape)}, "
+                              f"config.json implies {tuple(expected)}")
+
+
+def read_hf_checkpoint(model_dir: Path | str,
+                       dtype: torch.dtype | None = None) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Read an HF checkpoint directory into (spec, TurboMind-layout tensors at tp=1)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a directory")
+    spec = read_model_spec(model_dir)
+    files = CheckpointFiles(model_dir)
+    return spec, dict(iter_turbomind_tensors(files, spec, dtype))

@@ -1,0 +1,24 @@
+"""Turn what a user typed as MODEL into a local directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_MODEL = "puyu-tiny"
+
+
+def resolve_model_path(model: Optional[str]) -> Path:
+    """None or 'puyu-tiny': the built-in model (built on first use); an existing directory: itself;
+    otherwise a registry name or hub repository id, downloaded on first use (see `puyu.download`)."""
+    if model is None or model == DEFAULT_MODEL:
+        from .tiny import puyu_tiny_path
+
+        return puyu_tiny_path()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from .download import resolve_remote_model
+    except ImportError:
+        raise FileNotFoundError(f"{model}: no such directory (and no registry/download support installed)") from None
+    return resolve_remote_model(model)

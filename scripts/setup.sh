@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up puyu in ./.venv from nothing. torch is pinned first (a CPU wheel; an unpinned torch pulls GBs of CUDA).
+#   scripts/setup.sh          core install (engine, server, convert, download, bench)
+#   scripts/setup.sh --test   everything the test suite needs: all extras, Debian's chromium
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/pip install -q torch==2.13.0
+if [ "${1:-}" = "--test" ]; then
+  .venv/bin/pip install -q -e ".[test,bench,webui,agent]"
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+  fi
+else
+  .venv/bin/pip install -q -e ".[bench]"
+fi
+echo "puyu is set up in $(pwd)/.venv"
