@@ -1,0 +1,144 @@
+"""Block manager: hands out KV-cache blocks, with prefix caching.
+
+A full block is registered under a chained hash (hash of the previous block's hash and its own tokens) together with
+its tokens, so a match is exact even if two hashes collide. Blocks whose last user is gone keep their contents and
+their hash: they sit in a free list ordered by release time, and a later request with the same prefix revives them;
+allocation takes the least recently released block (LRU eviction), dropping its hash.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: Optional[int] = None
+    tokens: tuple[int, ...] = ()
+
+
+@dataclass
+class PrefixStats:
+    queries: int = 0  # admissions that looked the prompt up
+    hits: int = 0  # admissions that reused at least one block
+    hit_tokens: int = 0
+    query_tokens: int = 0
+
+
+def chain_hash(prev: Optional[int], tokens: tuple[int, ...]) -> int:
+    return hash((prev, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.by_hash: dict[int, int] = {}
+        self.stats = PrefixStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks `seq` needs to hold `num_tokens` tokens in total."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    # ---- prefix cache ---------------------------------------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks for the longest prefix of `seq` made of full blocks, leaving at least one token to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        found: list[int] = []
+        prev: Optional[int] = None
+        seq.block_hashes = []
+        bs = self.block_size
+        for b in range((len(seq) - 1) // bs):
+            tokens = tuple(seq.token_at(b * bs, (b + 1) * bs))
+            h = chain_hash(prev, tokens)
+            block_id = self.by_hash.get(h)
+            if block_id is None or self.blocks[block_id].tokens != tokens:
+                break
+            found.append(block_id)
+            seq.block_hashes.append(h)
+            prev = h
+        return found
+
+    def admit(self, seq: Sequence, cached: list[int]) -> None:
+        """Give a waiting `seq` its cached prefix blocks (reviving free ones) and count the lookup."""
+        for block_id in cached:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        seq.num_computed = len(cached) * self.block_size
+        del seq.block_hashes[len(cached):]
+        seq.num_cached_prompt_tokens = seq.num_computed
+        if self.enable_prefix_caching:
+            self.stats.queries += 1
+            self.stats.query_tokens += len(seq)
+            self.stats.hits += bool(cached)
+            self.stats.hit_tokens += seq.num_computed
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Hash the blocks of `seq` that are now full and computed, so later requests can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = min(seq.num_computed // bs, len(seq.block_table))
+        for b in range(len(seq.block_hashes), full):
+            block = self.blocks[seq.block_table[b]]
+            tokens = tuple(seq.token_at(b * bs, (b + 1) * bs))
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            seq.block_hashes.append(h)
+            if block.hash is None and h not in self.by_hash:
+                block.hash, block.tokens = h, tokens
+                self.by_hash[h] = block.block_id
+
+    # ---- allocation -----------------------------------------------------------------------------------------------
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            if self.by_hash.get(block.hash) == block_id:
+                del self.by_hash[block.hash]
+            block.hash, block.tokens = None, ()
+        block.ref_count = 1
+        return block_id
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self.free)
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow the block table of `seq` to hold `num_tokens` tokens; False (nothing taken) if blocks run short."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > len(self.free):
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take_free())
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        """Drop `seq`'s blocks; cached ones stay revivable, tail blocks are evicted first."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                if block.hash is None:  # nothing to revive: reuse it before evicting cached blocks
+                    self.free.move_to_end(block_id, last=False)
+        seq.block_table.clear()
+        seq.block_hashes.clear()
+        seq.num_computed = 0

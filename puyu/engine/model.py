@@ -1,0 +1,107 @@
+"""The decoder (InternLM2 / Llama / Qwen2 share it) over TurboMind-layout weights.
+
+Per layer: RMSNorm -> fused QKV `x @ w_qkv (+ bias)` -> interleaved rotary on q, k -> write k, v to the paged cache ->
+paged attention (GQA) -> `wo` -> residual; RMSNorm -> SwiGLU `w2(silu(w1 x) * w3 x)` -> residual. Final RMSNorm and
+the lm head only for the rows whose logits are needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..convert.spec import CheckpointError, ModelSpec
+from .attention import AttentionBatch, paged_attention
+from .kv_cache import KVCacheStorage
+from .rotary import InterleavedRotary, apply_rotary
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def make_linear(weights: dict[str, torch.Tensor], name: str) -> Linear:
+    """The one place a linear is built: dense `X.weight` `[in, out]`, or 4-bit `X.qweight/scales/zeros`."""
+    bias = weights.get(f"{name}.bias")
+    if f"{name}.weight" in weights:
+        w = weights[f"{name}.weight"]
+        if bias is None:
+            return lambda x: x @ w
+        return lambda x: torch.addmm(bias, x, w) if x.dim() == 2 else x @ w + bias
+    if f"{name}.qweight" in weights:
+        from .int4 import Int4Linear  # only int4 checkpoints need it
+
+        scales = weights[f"{name}.scales"]
+        group_size = weights[f"{name}.qweight"].shape[0] // scales.shape[0]
+        lin = Int4Linear(weights[f"{name}.qweight"], scales, weights[f"{name}.zeros"], group_size)
+        if bias is None:
+            return lin
+        return lambda x: lin(x) + bias
+    raise CheckpointError(f"weights: tensor {name}.weight (or {name}.qweight) is missing")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 like transformers, cast back before the weight."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    qkv: Linear
+    wo: Linear
+    w1: Linear
+    w3: Linear
+    w2: Linear
+
+
+def _get(weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in weights:
+        raise CheckpointError(f"weights: tensor {name} is missing")
+    return weights[name]
+
+
+class DecoderModel:
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], device: torch.device):
+        self.spec = spec
+        self.device = device
+        self.embed = _get(weights, "tok_embeddings.weight")
+        self.norm = _get(weights, "norm.weight")
+        self.lm_head = _get(weights, "output.weight")
+        self.dtype = self.embed.dtype
+        self.layers = []
+        for i in range(spec.num_layers):
+            p = f"layers.{i}."
+            self.layers.append(LayerWeights(
+                attn_norm=_get(weights, p + "attention_norm.weight"), ffn_norm=_get(weights, p + "ffn_norm.weight"),
+                qkv=make_linear(weights, p + "attention.w_qkv"), wo=make_linear(weights, p + "attention.wo"),
+                w1=make_linear(weights, p + "feed_forward.w1"), w3=make_linear(weights, p + "feed_forward.w3"),
+                w2=make_linear(weights, p + "feed_forward.w2")))
+        self.rotary = InterleavedRotary(spec, device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                cache: KVCacheStorage, logit_rows: torch.Tensor,
+                seq_lens: Optional[list[tuple[int, int]]] = None) -> torch.Tensor:
+        """float32 logits `[len(logit_rows), vocab]` for a flattened step of `T` tokens."""
+        s = self.spec
+        h = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary.cos_sin(positions, seq_lens)
+        nq, nkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        for i, lw in enumerate(self.layers):
+            x = rms_norm(h, lw.attn_norm, s.norm_eps)
+            qkv = lw.qkv(x)
+            q = qkv[:, :nq].unflatten(-1, (s.num_heads, s.head_dim))
+            k = qkv[:, nq:nq + nkv].unflatten(-1, (s.num_kv_heads, s.head_dim))
+            v = qkv[:, nq + nkv:].unflatten(-1, (s.num_kv_heads, s.head_dim))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cache.write(i, k, v, batch.write_slots)
+            attn = paged_attention(i, q, cache, batch)
+            h = h + lw.wo(attn.flatten(1))
+            x = rms_norm(h, lw.ffn_norm, s.norm_eps)
+            h = h + lw.w2(F.silu(lw.w1(x)) * lw.w3(x))
+        last = rms_norm(h.index_select(0, logit_rows), self.norm, s.norm_eps)
+        return (last @ self.lm_head.t()).float()

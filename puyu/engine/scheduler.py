@@ -1,0 +1,101 @@
+"""Scheduler: picks the tokens of the next step under a token budget, with chunked prefill and recompute preemption.
+
+Each step runs every running sequence (decode: one token; unfinished prefill: the next chunk) in arrival order, then
+admits waiting sequences (first looking up their prefix in the cache) while the budget (`max_prefill_token_num`),
+`max_batch_size` and the free blocks allow; a prompt longer than the remaining budget is prefilled in chunks over
+several steps. When a running sequence needs a block and none is free, the most recently arrived running sequence is
+preempted: its blocks are released and it goes back to the front of the queue, to be recomputed (prompt and the
+tokens generated so far) when blocks are free again; the prefix cache usually revives most of it.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from typing import Optional
+
+from .block_manager import BlockManager
+from .sequence import ScheduledSeq, Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, token_budget: int):
+        self.bm = block_manager
+        self.max_batch_size = max_batch_size
+        self.token_budget = token_budget
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # sorted by arrival
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id: str) -> Optional[Sequence]:
+        for seq in list(self.running) + list(self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove `seq` (running or waiting) and release its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.release(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.token_budget
+        out: list[ScheduledSeq] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            if not self._make_room(seq, seq.num_computed + n):
+                break  # seq itself was preempted (it was the last one)
+            out.append(ScheduledSeq(seq, seq.num_computed, n))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            chunk = self._admit(self.waiting[0], budget)
+            if chunk is None:
+                break
+            self.waiting.popleft()
+            out.append(chunk)
+            budget -= chunk.num_tokens
+        return out
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Allocate blocks for `seq`, preempting later arrivals while blocks run short; False if `seq` was preempted."""
+        while not self.bm.allocate(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.release(seq)
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit(self, seq: Sequence, budget: int) -> Optional[ScheduledSeq]:
+        """Move the first waiting sequence to running with its first chunk, or None if its blocks do not fit."""
+        cached = self.bm.match_prefix(seq)
+        start = len(cached) * self.bm.block_size
+        n = min(len(seq) - start, budget)
+        revived = sum(1 for b in cached if self.bm.blocks[b].ref_count == 0)
+        new_blocks = -(-(start + n) // self.bm.block_size) - len(cached)
+        if revived + new_blocks > self.bm.num_free:
+            return None
+        self.bm.admit(seq, cached)
+        self.bm.allocate(seq, start + n)
+        seq.status = Status.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.arrival)
+        return ScheduledSeq(seq, start, n)

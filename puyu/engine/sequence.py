@@ -1,0 +1,71 @@
+"""One request's state inside the engine: its tokens, how many are in the KV cache, its blocks."""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..config import GenerationConfig
+
+_arrival = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    gen_config: GenerationConfig
+    max_len: int  # session_len: the sequence never grows beyond it
+    generator: Optional[torch.Generator] = None
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full computed blocks
+    num_cached_prompt_tokens: int = 0  # prefix-cache hit at the last admission
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    finish_reason: Optional[str] = None
+    preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self) - self.num_computed
+
+    def token_at(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without building the whole list."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step: tokens [start, start + num_tokens) get computed."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """True when the chunk reaches the end of the sequence, so its last logits give the next token."""
+        return self.start + self.num_tokens == len(self.seq)
