@@ -1,0 +1,288 @@
+"""A sandboxed, stateful Python interpreter: one fresh worker process per run.
+
+The parent side. `Sandbox.run(code)` sends a cell to the worker (`puyu/agent/worker.py`, started with `python -I`
+in its own session and process group, with a scrubbed environment) and waits for it with a select loop that enforces
+the limits from outside the worker:
+
+- wall-clock timeout: SIGINT first (the cell gets KeyboardInterrupt and the variables survive); a cell that ignores
+  it is killed with its whole process group after a grace period, and the next cell gets a fresh worker;
+- output cap: output beyond `output_limit_bytes` is discarded and the cell is interrupted like a timeout;
+- a worker that dies (memory, `os._exit`, a crash) is reported and replaced on the next cell.
+
+Limits the worker applies to itself before user code runs: RLIMIT_AS/RLIMIT_DATA (memory), RLIMIT_FSIZE (file
+size), a private network namespace (else Landlock TCP rules, else a patched `socket`), Landlock write access limited
+to the working directory, the figures directory and a private temp directory. `isolation` says what is in force.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+WORKER_SOURCE = Path(__file__).with_name("worker.py")
+
+
+class SandboxError(RuntimeError):
+    """The worker could not be started."""
+
+
+@dataclass
+class SandboxConfig:
+    timeout_s: float = 60.0
+    memory_mb: int = 2048
+    output_limit_bytes: int = 20_000
+    file_size_mb: int = 256
+    interrupt_grace_s: float = 2.0
+    start_timeout_s: float = 60.0
+    block_network: bool = True
+    use_namespaces: bool = True
+    use_landlock: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "interrupt_grace_s", "start_timeout_s"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be a positive number, got {getattr(self, name)!r}")
+        for name in ("memory_mb", "output_limit_bytes", "file_size_mb"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+
+
+@dataclass
+class CellResult:
+    cell: int
+    status: str  # ok | error | timeout | output_limit | crashed
+    output: str
+    error: Optional[str] = None
+    figures: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    output_bytes: int = 0
+    truncated: bool = False
+    restarted: bool = False  # the worker was replaced after this cell: all variables are gone
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def copy_input_files(files: Iterable[str | Path], workdir: Path) -> list[Path]:
+    """Copy the input files into the working directory (by base name); the originals are never handed out."""
+    copies: list[Path] = []
+    for f in files:
+        src = Path(f)
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: input file does not exist or is not a file")
+        dst = workdir / src.name
+        if dst in copies:
+            raise ValueError(f"{src}: two input files share the name {src.name!r}")
+        shutil.copyfile(src, dst)
+        copies.append(dst)
+    return copies
+
+
+class Sandbox:
+    """One run's interpreter. Not shared between runs; `close()` (or `with`) ends the worker and its children."""
+
+    def __init__(self, workdir: str | Path, figures_dir: str | Path | None = None,
+                 config: Optional[SandboxConfig] = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.figures_dir = Path(figures_dir).resolve() if figures_dir else self.workdir
+        self.figures_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config or SandboxConfig()
+        self.isolation: dict = {}
+        self._tmp = Path(tempfile.mkdtemp(prefix="puyu-sandbox-"))
+        self._proc: Optional[subprocess.Popen] = None
+        self._control: Optional[int] = None
+        self._cells = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "Sandbox":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> dict:
+        """Start the worker if it is not running; returns the isolation report."""
+        if self._proc is not None:
+            return self.isolation
+        read_fd, write_fd = os.pipe()
+        cfg = {"control_fd": write_fd, "workdir": str(self.workdir), "figures_dir": str(self.figures_dir),
+               "writable": [str(self.workdir), str(self.figures_dir), str(self._tmp)],
+               "memory_bytes": self.config.memory_mb * 2**20, "file_size_bytes": self.config.file_size_mb * 2**20,
+               "block_network": self.config.block_network, "use_namespaces": self.config.use_namespaces,
+               "use_landlock": self.config.use_landlock}
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", WORKER_SOURCE.read_text(), json.dumps(cfg)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=[write_fd],
+                cwd=self.workdir, env=self._worker_env(), start_new_session=True)
+        finally:
+            os.close(write_fd)
+        self._control = read_fd
+        ready = self._read_ready()
+        self.isolation = ready["isolation"]
+        return self.isolation
+
+    def _worker_env(self) -> dict[str, str]:
+        """A minimal environment: nothing of the parent's (tokens, proxies, keys) reaches user code."""
+        tmp = str(self._tmp)
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.workdir), "LANG": "C.UTF-8",
+                "LC_ALL": "C.UTF-8", "TMPDIR": tmp, "MPLBACKEND": "Agg", "MPLCONFIGDIR": tmp,
+                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def _read_ready(self) -> dict:
+        deadline = time.monotonic() + self.config.start_timeout_s
+        buf, output = b"", b""
+        while b"\n" not in buf:
+            if time.monotonic() > deadline:
+                self._kill()
+                raise SandboxError(f"the interpreter worker did not start within {self.config.start_timeout_s} s")
+            ready, _, _ = select.select([self._control, self._proc.stdout], [], [], 0.1)
+            if self._proc.stdout in ready:
+                output += os.read(self._proc.stdout.fileno(), 65536)
+            if self._control in ready:
+                chunk = os.read(self._control, 65536)
+                if not chunk:
+                    self._kill()
+                    raise SandboxError(f"the interpreter worker failed to start: {output.decode(errors='replace')}")
+                buf += chunk
+        return json.loads(buf.split(b"\n", 1)[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._kill()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _kill(self) -> None:
+        """Kill the worker and everything in its process group, then reap it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        if self._control is not None:
+            os.close(self._control)
+            self._control = None
+
+    # ------------------------------------------------------------------------------------------- cells
+    def run(self, code: str) -> CellResult:
+        """Run one cell; never raises for anything the code does."""
+        with self._lock:
+            self.start()
+            self._cells += 1
+            cell = self._cells
+            try:
+                self._proc.stdin.write((json.dumps({"cell": cell, "code": code}) + "\n").encode())
+                self._proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass  # the worker died; the wait loop reports it
+            return _CellWaiter(self, cell).wait()
+
+
+class _CellWaiter:
+    """The select loop of one cell: collects output, enforces the timeout and the output cap."""
+
+    def __init__(self, sandbox: Sandbox, cell: int) -> None:
+        self.sb, self.cell, self.cfg = sandbox, cell, sandbox.config
+        self.out_fd = sandbox._proc.stdout.fileno()
+        self.output = bytearray()
+        self.total = 0
+        self.control = b""
+        self.start = time.monotonic()
+        self.reason: Optional[str] = None  # timeout | output_limit, once the cell was interrupted
+        self.kill_at: Optional[float] = None
+
+    def wait(self) -> CellResult:
+        while True:
+            now = time.monotonic()
+            if self.reason is None and now - self.start > self.cfg.timeout_s:
+                self._interrupt("timeout")
+            if self.kill_at is not None and now > self.kill_at:
+                return self._finish_dead(self.reason or "timeout")
+            ready, _, _ = select.select([self.sb._control, self.out_fd], [], [], 0.05)
+            if self.out_fd in ready:
+                self._read_output()
+            if self.sb._control in ready:
+                chunk = os.read(self.sb._control, 65536)
+                if not chunk:
+                    return self._finish_dead(self.reason or "crashed")
+                self.control += chunk
+                if b"\n" in self.control:
+                    self._drain_output()
+                    return self._finish(json.loads(self.control.split(b"\n", 1)[0]))
+
+    def _read_output(self) -> bool:
+        chunk = os.read(self.out_fd, 65536)
+        self.total += len(chunk)
+        room = self.cfg.output_limit_bytes - len(self.output)
+        if room > 0:
+            self.output += chunk[:room]
+        if self.total > self.cfg.output_limit_bytes and self.reason is None:
+            self._interrupt("output_limit")
+        return bool(chunk)
+
+    def _drain_output(self) -> None:
+        """Read what is already in the pipe (bounded: a process that escaped the group may keep writing)."""
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and select.select([self.out_fd], [], [], 0)[0] and self._read_output():
+            pass
+
+    def _interrupt(self, reason: str) -> None:
+        self.reason = reason
+        self.kill_at = time.monotonic() + self.cfg.interrupt_grace_s
+        try:
+            os.kill(self.sb._proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    def _text(self) -> str:
+        text = self.output.decode("utf-8", errors="replace")
+        if self.total > len(self.output):
+            text += f"\n[output truncated: {self.total} bytes in all, {self.cfg.output_limit_bytes} shown]"
+        return text
+
+    def _limit_message(self, reason: str) -> str:
+        if reason == "timeout":
+            return f"TimeoutError: the cell ran longer than {self.cfg.timeout_s:g} s and was stopped"
+        if reason == "output_limit":
+            return f"OutputLimitError: the cell printed more than {self.cfg.output_limit_bytes} bytes and was stopped"
+        return "WorkerCrash: the interpreter process died (out of memory, a crash or os._exit)"
+
+    def _finish(self, result: dict) -> CellResult:
+        error = result.get("error")
+        status = "ok" if error is None else "error"
+        if self.reason is not None:
+            status, error = self.reason, self._limit_message(self.reason)
+        return CellResult(self.cell, status, self._text(), error, result.get("figures", []),
+                          round(time.monotonic() - self.start, 3), self.total, self.total > len(self.output))
+
+    def _finish_dead(self, reason: str) -> CellResult:
+        try:
+            os.killpg(self.sb._proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._drain_output()
+        self.sb._kill()
+        error = self._limit_message(reason) + "; the interpreter was restarted and all variables were lost"
+        return CellResult(self.cell, reason, self._text(), error, [], round(time.monotonic() - self.start, 3),
+                          self.total, self.total > len(self.output), restarted=True)

@@ -1,0 +1,280 @@
+"""The interpreter worker: the code that runs inside the sandboxed Python subprocess.
+
+Started by `puyu.agent.sandbox.Sandbox` as `python -I -c <this file's text> <config json>`, so it uses the standard
+library only and never imports puyu (user code cannot reach puyu internals through it). Before any user code runs it
+locks itself down (resource limits, a private network namespace or Landlock/socket blocks, Landlock write limits),
+then executes cells sent as JSON lines on fd 0 in one persistent namespace, like a notebook kernel. User output goes
+to fd 1/2 (a pipe the parent reads and caps); one JSON result per cell goes to the control fd.
+"""
+import ast
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+
+_IN_CELL = False
+
+
+def _on_sigint(signum, frame):
+    # The parent interrupts a cell with SIGINT; outside a cell (a late signal) it is ignored.
+    if _IN_CELL:
+        raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------------------------- lock-down steps
+def _set_limits(cfg):
+    mem = cfg.get("memory_bytes")
+    if mem:
+        for name in ("RLIMIT_AS", "RLIMIT_DATA"):
+            if hasattr(resource, name):
+                resource.setrlimit(getattr(resource, name), (mem, mem))
+    fsize = cfg.get("file_size_bytes")
+    if fsize:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big write fails with OSError instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def _unshare_network():
+    """Enter a new user + network namespace: only a downed loopback device, no route anywhere."""
+    uid, gid = os.getuid(), os.getgid()
+    clone_newuser, clone_newnet = 0x10000000, 0x40000000
+    if _libc().unshare(clone_newuser | clone_newnet) != 0:
+        return False
+    try:  # keep our own uid/gid visible inside the namespace (cosmetic; access checks use the real ids)
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{uid} {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{gid} {gid} 1")
+    except OSError:
+        pass
+    return True
+
+
+# Landlock (Linux >= 5.13): syscall numbers are shared by all architectures for these new calls.
+_LL_CREATE, _LL_ADD_RULE, _LL_RESTRICT = 444, 445, 446
+_FS_WRITE_FILE, _FS_TRUNCATE = 1 << 1, 1 << 14
+_FS_WRITE_RIGHTS_V1 = sum(1 << i for i in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make-*
+_FS_REFER = 1 << 13
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _landlock(writable, block_tcp):
+    """Allow writes only beneath `writable` (reads stay open); with `block_tcp`, deny TCP connect/bind (ABI >= 4);
+    from ABI 6 also forbid signalling processes outside the sandbox. Returns the ABI version in force, or 0."""
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(_LL_CREATE, None, 0, 1)
+    if abi < 1:
+        return 0
+    fs = _FS_WRITE_RIGHTS_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0)
+    attr = _RulesetAttr(fs, 0, 0)
+    size = 8
+    if abi >= 4 and block_tcp:
+        attr.handled_access_net, size = 0b11, 16  # BIND_TCP | CONNECT_TCP, no rule allows any port
+    if abi >= 6:
+        attr.scoped, size = 0b10, 24  # LANDLOCK_SCOPE_SIGNAL
+    fd = libc.syscall(_LL_CREATE, ctypes.byref(attr), size, 0)
+    if fd < 0:
+        return 0
+    try:
+        for path in writable:
+            _landlock_rule(fd, path, fs)
+        _landlock_rule(fd, os.devnull, _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0))
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+            return 0
+        if libc.syscall(_LL_RESTRICT, fd, 0) != 0:
+            return 0
+    finally:
+        os.close(fd)
+    return abi
+
+
+def _landlock_rule(ruleset_fd, path, access):
+    if not os.path.isdir(path):
+        access &= _FS_WRITE_FILE | _FS_TRUNCATE  # a rule on a file may only hold file rights
+    pfd = os.open(path, os.O_PATH)
+    try:
+        rule = _PathBeneathAttr(access, pfd)
+        if _libc().syscall(_LL_ADD_RULE, ruleset_fd, 1, ctypes.byref(rule), 0) != 0:
+            raise OSError(ctypes.get_errno(), f"landlock_add_rule({path})")
+    finally:
+        os.close(pfd)
+
+
+def _patch_socket():
+    """Last resort when no namespace or Landlock is available: refuse to create Internet sockets from Python."""
+    import socket
+
+    original = socket.socket
+
+    class _NoNetSocket(original):
+        def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+            if fileno is None and family in (-1, socket.AF_INET, socket.AF_INET6):
+                raise PermissionError("network access is disabled in this sandbox")
+            super().__init__(family, type, proto, fileno)
+
+    socket.socket = _NoNetSocket
+    socket.create_connection = lambda *a, **k: _NoNetSocket()
+
+
+def lock_down(cfg):
+    """Apply every restriction and report which ones are in force."""
+    _set_limits(cfg)
+    report = {"memory_bytes": cfg.get("memory_bytes"), "network": "open", "filesystem": "unrestricted"}
+    if cfg.get("block_network", True):
+        if cfg.get("use_namespaces", True) and _unshare_network():
+            report["network"] = "namespace"
+    abi = _landlock(cfg["writable"], block_tcp=report["network"] == "open" and cfg.get("block_network", True)) \
+        if cfg.get("use_landlock", True) else 0
+    if abi:
+        report["filesystem"] = f"landlock-v{abi}"
+        if report["network"] == "open" and cfg.get("block_network", True) and abi >= 4:
+            report["network"] = "landlock-tcp"
+    if cfg.get("block_network", True) and report["network"] in ("open", "landlock-tcp"):
+        _patch_socket()
+        report["network"] = "landlock-tcp+socket-patch" if report["network"] == "landlock-tcp" else "socket-patch"
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- figures
+class _FigureSaver:
+    """Saves every open matplotlib figure as PNG (after each cell and on `plt.show()`), then closes it."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.cell = 0
+        self.saved = []
+        self.count = 0
+
+    def save_open_figures(self):
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is None:
+            return
+        for num in plt.get_fignums():
+            fig = plt.figure(num)
+            self.count += 1
+            path = os.path.join(self.directory, f"figure-{self.cell:03d}-{self.count:02d}.png")
+            try:
+                fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+                self.saved.append(path)
+            except Exception as exc:  # a broken figure must not break the cell result
+                print(f"[sandbox] could not save figure {num}: {exc}", file=sys.stderr)
+            plt.close(fig)
+
+    def install_show_hook(self):
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None and not getattr(plt.show, "_puyu_hook", False):
+            def show(*args, **kwargs):
+                self.save_open_figures()
+            show._puyu_hook = True
+            plt.show = show
+
+
+# ---------------------------------------------------------------------------------------------- cells
+def _compile_cell(code):
+    """Compile like a notebook cell: a trailing expression's value is printed (as `repr`)."""
+    tree = ast.parse(code, "<cell>", "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    body = compile(tree, "<cell>", "exec")
+    return body, (compile(last, "<cell>", "eval") if last is not None else None)
+
+
+def _user_traceback(exc):
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != "<cell>":
+        tb = tb.tb_next
+    if isinstance(exc, SyntaxError):
+        tb = None
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _flush_then(write):
+    """Keep printed output and the error in order (stdout is block-buffered on a pipe)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, KeyboardInterrupt):
+        pass
+    write()
+
+
+def run_cell(code, namespace, figures):
+    global _IN_CELL
+    error = None
+    _IN_CELL = True
+    try:
+        body, last = _compile_cell(code)
+        exec(body, namespace)
+        figures.install_show_hook()
+        if last is not None:
+            value = eval(last, namespace)
+            if value is not None:
+                namespace["_"] = value
+                print(repr(value))
+    except KeyboardInterrupt:
+        error = "KeyboardInterrupt: the cell was interrupted"
+        _flush_then(lambda: print(error, file=sys.stderr))
+    except BaseException as exc:  # SystemExit included: user code must not end the worker
+        error = f"{type(exc).__name__}: {exc}"
+        _flush_then(lambda: sys.stderr.write(_user_traceback(exc)))
+    finally:
+        _IN_CELL = False
+    return error
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    signal.signal(signal.SIGINT, _on_sigint)
+    commands = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # user code reads an empty stdin
+    control = os.fdopen(cfg["control_fd"], "w", encoding="utf-8")
+    os.chdir(cfg["workdir"])
+    report = lock_down(cfg)
+    figures = _FigureSaver(cfg["figures_dir"])
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    control.write(json.dumps({"ready": True, "isolation": report}) + "\n")
+    control.flush()
+    for line in commands:
+        request = json.loads(line)
+        figures.cell, figures.saved = request["cell"], []
+        start = time.monotonic()
+        error = run_cell(request["code"], namespace, figures)
+        figures.save_open_figures()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        result = {"cell": request["cell"], "error": error, "figures": figures.saved,
+                  "duration_s": round(time.monotonic() - start, 4)}
+        control.write(json.dumps(result) + "\n")
+        control.flush()
+
+
+if __name__ == "__main__":
+    main()
