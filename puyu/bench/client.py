@@ -1,0 +1,153 @@
+"""An async OpenAI-compatible streaming client (httpx) that timestamps every content chunk and counts its tokens.
+
+Nothing here is specific to a server: it sends the OpenAI chat or completions request with `stream: true` and
+`stream_options.include_usage` (both switchable), and reads server-sent events. Tokens per chunk come from
+usage deltas when the server streams cumulative usage, else from tokenising the delta with the target's
+tokenizer; a request's output token count is the final `usage.completion_tokens` when present, else the
+tokenised length of the whole generated text.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import httpx
+
+from .datasets import SampleRequest
+from .records import Chunk, RequestRecord
+from .tokenizer import count_tokens
+
+ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+@dataclass
+class ClientConfig:
+    base_url: str
+    model: str
+    endpoint: str = "chat"
+    api_key: Optional[str] = None
+    ignore_eos: bool = True  # force the output length (vLLM, SGLang, LMDeploy, llama.cpp, puyu accept it)
+    include_usage: bool = True
+    temperature: float = 0.0
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = 6 * 3600.0
+
+    def validate(self) -> None:
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"--endpoint: must be chat or completions, got {self.endpoint!r}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"--base-url: must start with http:// or https://, got {self.base_url!r}")
+
+    @property
+    def url(self) -> str:
+        base = self.base_url.rstrip("/")
+        base = base[:-3] if base.endswith("/v1") else base
+        return base + ENDPOINTS[self.endpoint]
+
+
+def build_body(cfg: ClientConfig, sample: SampleRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": cfg.model, "max_tokens": sample.output_len, "stream": True,
+                            "temperature": cfg.temperature}
+    if cfg.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": sample.prompt}]
+    else:
+        body["prompt"] = sample.prompt
+    if cfg.include_usage:
+        body["stream_options"] = {"include_usage": True}
+    if cfg.ignore_eos:
+        body["ignore_eos"] = True
+    body.update(cfg.extra_body)
+    return body
+
+
+def new_http_client(cfg: ClientConfig) -> httpx.AsyncClient:
+    """No connection limit: a request waiting for a pooled connection would hide client-side queueing in TTFT."""
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    return httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s, connect=60.0), limits=limits, headers=headers)
+
+
+def _content(choice: dict[str, Any]) -> str:
+    if "delta" in choice:
+        delta = choice.get("delta") or {}
+        return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+    return choice.get("text") or ""
+
+
+class _StreamState:
+    """Accumulates one response's chunks, text and usage as events arrive."""
+
+    def __init__(self, record: RequestRecord, tokenizer: Any):
+        self.record, self.tokenizer = record, tokenizer
+        self.parts: list[str] = []
+        self.usage_cum: Optional[int] = None
+        self.final_usage: Optional[dict[str, Any]] = None
+
+    def feed(self, event: dict[str, Any], t: float) -> None:
+        if event.get("error"):
+            raise RuntimeError(f"server error in stream: {json.dumps(event['error'])[:500]}")
+        usage = event.get("usage") or None
+        for choice in event.get("choices") or []:
+            text = _content(choice)
+            if choice.get("finish_reason"):
+                self.record.finish_reason = choice["finish_reason"]
+            if text:
+                self.parts.append(text)
+                self.record.chunks.append(Chunk(t, self._tokens_in(text, usage)))
+        if usage:
+            self.final_usage = usage
+            self.usage_cum = usage.get("completion_tokens", self.usage_cum)
+
+    def _tokens_in(self, text: str, usage: Optional[dict[str, Any]]) -> int:
+        if usage and usage.get("completion_tokens") is not None:
+            n = usage["completion_tokens"] - (self.usage_cum or 0)
+            if n >= 1:
+                return n
+        return max(1, count_tokens(self.tokenizer, text))
+
+    def finish(self) -> None:
+        r = self.record
+        r.generated_text = "".join(self.parts)
+        if self.final_usage and self.final_usage.get("completion_tokens") is not None:
+            r.output_tokens = int(self.final_usage["completion_tokens"])
+            r.server_prompt_tokens = self.final_usage.get("prompt_tokens")
+        else:
+            r.output_tokens = count_tokens(self.tokenizer, r.generated_text)
+        if not r.chunks:
+            raise RuntimeError("the stream ended without any content")
+        r.success = True
+
+
+def _parse_sse_line(line: str) -> Optional[dict[str, Any]]:
+    """The JSON of a `data:` line; None for comments, blanks, other fields and `[DONE]`."""
+    if not line.startswith("data:"):
+        return None
+    payload = line[5:].strip()
+    if not payload or payload == "[DONE]":
+        return None
+    return json.loads(payload)
+
+
+async def send_request(http: httpx.AsyncClient, cfg: ClientConfig, sample: SampleRequest, record: RequestRecord,
+                       tokenizer: Any) -> RequestRecord:
+    """Stream one request; fills t_send, chunks, t_end, token counts, status. Errors are kept, never raised."""
+    state = _StreamState(record, tokenizer)
+    body = build_body(cfg, sample)
+    record.t_send = time.perf_counter()
+    try:
+        async with http.stream("POST", cfg.url, json=body) as resp:
+            if resp.status_code != 200:
+                detail = (await resp.aread()).decode("utf-8", "replace")[:500]
+                raise RuntimeError(f"HTTP {resp.status_code}: {detail}")
+            async for line in resp.aiter_lines():
+                event = _parse_sse_line(line)
+                if event is not None:
+                    state.feed(event, time.perf_counter())
+        state.finish()
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded with its message
+        record.success = False
+        record.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    record.t_end = time.perf_counter()
+    return record
