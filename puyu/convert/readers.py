@@ -136,9 +136,60 @@ def fused_qkv(parts: list[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
     return torch.cat([q, k, v], dim=0)
 
 
+def _linear_rows(get: TensorGetter, p: str, spec: ModelSpec, names: "_HFNames",
+                 kind: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(TurboMind linear name, tensor with output rows first) of one layer's linears, for one tensor kind.
+
+    `kind` is 'weight' for float checkpoints; 'qweight', 'scales' or 'qzeros' for AWQ ones (the getter then returns
+    the unpacked values transposed to `[out, in]` / `[out, in/g]`, so that the same row surgery applies).
+    """
+    yield "attention.w_qkv", fused_qkv(_qkv_parts(get, p, spec, kind), spec)
+    yield "attention.wo", get(f"{p}{names.o}.{kind}")
+    yield "feed_forward.w1", get(f"{p}{names.gate}.{kind}")
+    yield "feed_forward.w3", get(f"{p}{names.up}.{kind}")
+    yield "feed_forward.w2", get(f"{p}{names.down}.{kind}")
+
+
+def _expected_rows(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    h, i = spec.hidden_size, spec.intermediate_size
+    qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    return {"attention.w_qkv": (qkv, h), "attention.wo": (h, spec.num_heads * spec.head_dim),
+            "feed_forward.w1": (i, h), "feed_forward.w3": (i, h), "feed_forward.w2": (h, i)}
+
+
+def _awq_getter(files: "CheckpointFiles") -> TensorGetter:
+    from .awq import unpack_awq
+
+    def get(name: str) -> torch.Tensor:
+        t = files.get(name)
+        if name.endswith((".qweight", ".qzeros")):
+            t = unpack_awq(t)
+        return t.t()
+
+    return get
+
+
+def _finish_linear(rows: torch.Tensor, kind: str) -> tuple[str, torch.Tensor]:
+    """Rows-first tensor of one kind -> (TurboMind suffix, `[in, out]` tensor in workspace packing)."""
+    t = rows.t().contiguous()
+    if kind == "qweight":
+        from .awq import pack_int4
+
+        return "qweight", pack_int4(t)
+    if kind == "qzeros":
+        return "zeros", t.to(torch.float16)
+    if kind == "scales":
+        return "scales", t.to(torch.float16)
+    return kind, t
+
+
 def iter_turbomind_tensors(files: CheckpointFiles, spec: ModelSpec,
                            dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (TurboMind name, tensor) for every weight of the model, at tp=1, unpadded."""
+    """Yield (TurboMind name, tensor) for every weight of the model, at tp=1, unpadded.
+
+    For an AWQ checkpoint (spec.quant_method == 'awq') each linear yields `X.qweight`, `X.scales`, `X.zeros`
+    instead of `X.weight` (workspace packing, see DEVELOPERS.md); `dtype` applies to the float tensors only.
+    """
     names = _HFNames(spec.arch)
 
     def get(name: str) -> torch.Tensor:
@@ -152,18 +203,21 @@ def iter_turbomind_tensors(files: CheckpointFiles, spec: ModelSpec,
     lm_head = embed if (spec.tie_word_embeddings and names.lm_head not in files) else get(names.lm_head)
     _check_shape(names.lm_head, lm_head, (spec.vocab_size, spec.hidden_size), files)
     yield "output.weight", lm_head
-    qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    kinds = ("qweight", "scales", "qzeros") if spec.quant_method else ("weight",)
+    linear_get = _awq_getter(files) if spec.quant_method else get
+    expected = _expected_rows(spec)
     for i in range(spec.num_layers):
         p, tm = f"model.layers.{i}.", f"layers.{i}."
-        qkv = fused_qkv(_qkv_parts(get, p, spec, "weight"), spec)
-        _check_shape(f"{p}qkv", qkv, (qkv_out, spec.hidden_size), files)
-        yield tm + "attention.w_qkv.weight", qkv.t().contiguous()
+        for kind in kinds:
+            for lin, rows in _linear_rows(linear_get, p, spec, names, kind):
+                out_rows, in_cols = expected[lin]
+                if kind in ("scales", "qzeros"):
+                    in_cols = in_cols // spec.group_size
+                _check_shape(f"{p}{lin} {kind}", rows, (out_rows, in_cols), files)
+                suffix, t = _finish_linear(rows, kind)
+                yield f"{tm}{lin}.{suffix}", t
         if spec.attn_bias:
             yield tm + "attention.w_qkv.bias", fused_qkv(_qkv_parts(get, p, spec, "bias"), spec)
-        yield tm + "attention.wo.weight", get(f"{p}{names.o}.weight").t().contiguous()
-        yield tm + "feed_forward.w1.weight", get(f"{p}{names.gate}.weight").t().contiguous()
-        yield tm + "feed_forward.w3.weight", get(f"{p}{names.up}.weight").t().contiguous()
-        yield tm + "feed_forward.w2.weight", get(f"{p}{names.down}.weight").t().contiguous()
         yield tm + "attention_norm.weight", get(p + names.attn_norm)
         yield tm + "ffn_norm.weight", get(p + names.ffn_norm)
 

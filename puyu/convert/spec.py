@@ -40,6 +40,8 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    quant_method: str = ""  # '' for float weights, 'awq' for AutoAWQ gemm int4 checkpoints
+    group_size: int = 0  # quantisation group size (0 for float weights)
 
     @property
     def session_len(self) -> int:
@@ -104,7 +106,33 @@ def read_model_spec(model_dir: Path | str) -> ModelSpec:
         raise CheckpointError(f"{model_dir / 'config.json'}: num_attention_heads {spec.num_heads} is not a multiple "
                               f"of num_key_value_heads {spec.num_kv_heads}")
     spec.eos_token_ids = _eos_ids(model_dir, cfg)
+    spec.quant_method, spec.group_size = _quantization(model_dir, cfg)
     return spec
+
+
+SUPPORTED_QUANT = {"awq": "gemm"}
+
+
+def _quantization(model_dir: Path, cfg: dict) -> tuple[str, int]:
+    """('awq', group_size) for an AutoAWQ gemm checkpoint, ('', 0) for float weights; anything else is an error."""
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return "", 0
+    where = model_dir / "config.json"
+    method = str(qc.get("quant_method", "")).lower()
+    version = str(qc.get("version", "gemm")).lower()
+    if method not in SUPPORTED_QUANT or version != SUPPORTED_QUANT[method]:
+        raise CheckpointError(f"{where}: unsupported quantization_config (quant_method {method!r}, version "
+                              f"{version!r}); supported: AutoAWQ quant_method 'awq' with version 'gemm'")
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    if bits != 4:
+        raise CheckpointError(f"{where}: quantization_config.bits is {bits}; only 4-bit weights are supported")
+    if not qc.get("zero_point", True):
+        raise CheckpointError(f"{where}: quantization_config.zero_point is false; only asymmetric AWQ is supported")
+    group = int(qc.get("group_size", qc.get("q_group_size", 0)) or 0)
+    if group <= 0:
+        raise CheckpointError(f"{where}: quantization_config.group_size is missing or not positive")
+    return method, group
 
 
 def _eos_ids(model_dir: Path, cfg: dict) -> tuple[int, ...]:

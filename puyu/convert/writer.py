@@ -1,0 +1,161 @@
+"""Write a TurboMind workspace on disk from an HF checkpoint (float or AutoAWQ gemm int4).
+
+Everything is written into a temporary directory next to the destination and renamed into place at the end, so a
+failure (bad input, a full disk, Ctrl-C) never leaves a half-written workspace behind.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .layout import tp1_tensors
+from .readers import CheckpointFiles, iter_turbomind_tensors
+from .spec import CheckpointError, ModelSpec, read_model_spec
+from .tm_config import build_config, dump_config
+from .tp import SUPPORTED_GROUP_SIZES, TPPlan
+from .workspace import WEIGHTS_DIR
+
+MODEL_FORMATS = ("hf", "awq")
+DTYPE_CHOICES = ("auto", "float16", "bfloat16")
+# files copied from the checkpoint to the workspace root (tokenizer, configs, remote code), as LMDeploy does
+COPY_SUFFIXES = (".json", ".py", ".model", ".tiktoken", ".txt")
+
+
+@dataclass
+class ConvertOptions:
+    tp: int = 1
+    model_format: str = "hf"  # hf | awq
+    dtype: str = "auto"  # auto | float16 | bfloat16 (ignored for int4: floats are fp16)
+    group_size: Optional[int] = None  # None: the checkpoint's (awq) / 0 (hf)
+    force: bool = False
+    model_name: str = ""
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.model_format not in MODEL_FORMATS:
+            raise CheckpointError(f"model_format must be one of {', '.join(MODEL_FORMATS)}, got {self.model_format!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise CheckpointError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    spec: ModelSpec
+    weight_type: str
+    tp: int
+    seconds: float
+    num_files: int
+    weight_bytes: int
+
+
+def convert_checkpoint(src: Path | str, dst: Path | str, options: ConvertOptions = ConvertOptions()) -> ConvertResult:
+    """Convert the HF checkpoint `src` into the workspace `dst` (see ../shared/spec/turbomind-format.md)."""
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    options.validate()
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory")
+    spec = read_model_spec(src)
+    group_size = _group_size(src, spec, options)
+    weight_type = "int4" if group_size else _float_type(spec, options.dtype)
+    plan = TPPlan.for_spec(spec, options.tp, group_size)
+    _check_destination(dst, options.force)
+    files = CheckpointFiles(src)  # a missing shard fails here, before anything is written
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        num_files, nbytes = _write_weights(files, spec, plan, weight_type, tmp / WEIGHTS_DIR, options.progress)
+        config = build_config(spec, tp=plan.tp, weight_type=weight_type, model_format=options.model_format,
+                              group_size=group_size, vocab_pad=plan.vocab_pad, inter_pad=plan.inter_pad,
+                              kv_heads_stored=plan.kv_heads_stored, model_name=options.model_name)
+        dump_config(config, tmp / WEIGHTS_DIR / "config.yaml")
+        _copy_side_files(src, tmp)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ConvertResult(dst, spec, weight_type, plan.tp, time.perf_counter() - start, num_files, nbytes)
+
+
+def _group_size(src: Path, spec: ModelSpec, options: ConvertOptions) -> int:
+    """0 for float output; the AWQ group size (checked against the request and what the engine supports)."""
+    where = src / "config.json"
+    if options.model_format == "hf":
+        if spec.quant_method:
+            raise CheckpointError(f"{where}: the checkpoint is {spec.quant_method.upper()}-quantised "
+                                  f"(quantization_config); convert it with --model-format {spec.quant_method}")
+        return 0
+    if not spec.quant_method:
+        raise CheckpointError(f"{where}: --model-format awq needs an AutoAWQ checkpoint (no quantization_config); "
+                              "make one with `puyu quantize`")
+    if options.group_size and options.group_size != spec.group_size:
+        raise CheckpointError(f"{where}: --group-size {options.group_size} does not match the checkpoint's "
+                              f"quantization_config.group_size {spec.group_size}")
+    if spec.group_size not in SUPPORTED_GROUP_SIZES:
+        raise CheckpointError(f"{where}: unsupported group size {spec.group_size}; supported: "
+                              f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
+    return spec.group_size
+
+
+def _float_type(spec: ModelSpec, dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return spec.torch_dtype if spec.torch_dtype in ("float16", "bfloat16") else "float16"
+
+
+def _check_destination(dst: Path, force: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst}: destination exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise CheckpointError(f"{dst}: destination exists and is not empty (use --force to replace it)")
+
+
+def _write_weights(files: CheckpointFiles, spec: ModelSpec, plan: TPPlan, weight_type: str, out_dir: Path,
+                   progress: bool) -> tuple[int, int]:
+    """Stream the tp=1 tensors through the split and dump each rank's part; returns (files, bytes)."""
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True)
+    float_dtype = torch.bfloat16 if weight_type == "bfloat16" else torch.float16
+    expected = tp1_tensors(spec, plan.group_size)
+    num_files = nbytes = 0
+    bar = tqdm(total=len(expected), desc=f"convert tp={plan.tp} {weight_type}", unit="tensor",
+               disable=not progress, leave=False)
+    with bar:
+        for name, t in iter_turbomind_tensors(files, spec):
+            if name not in expected or tuple(t.shape) != expected[name].shape:
+                raise CheckpointError(f"{files.model_dir}: tensor {name} has shape {tuple(t.shape)}, expected "
+                                      f"{expected[name].shape if name in expected else 'no such tensor'}")
+            if t.is_floating_point():
+                t = t.to(float_dtype)
+            parts = plan.split(name, t)
+            if name.endswith("attention.w_qkv.bias"):  # TurboMind loads a wo bias with attn_bias: zeros, like LMDeploy
+                wo_bias = name.replace("w_qkv.bias", "wo.bias")
+                parts += plan.split(wo_bias, torch.zeros(spec.hidden_size, dtype=float_dtype))
+            for fname, part in parts:
+                nbytes += dump_tensor(part, out_dir / fname)
+                num_files += 1
+            bar.update(1)
+    return num_files, nbytes
+
+
+def dump_tensor(t: torch.Tensor, path: Path) -> int:
+    """Raw little-endian C-order bytes, no header (bf16 as its 16 raw bits)."""
+    raw = t.contiguous().view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+    raw.numpy().tofile(str(path))
+    return raw.numel()
+
+
+def _copy_side_files(src: Path, dst_root: Path) -> None:
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.suffix in COPY_SUFFIXES and not f.name.endswith(".index.json"):
+            shutil.copy2(f, dst_root / f.name)
