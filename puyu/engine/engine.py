@@ -1,0 +1,187 @@
+"""AsyncEngine: an LLMEngine driven by one background thread, streaming to asyncio (and to plain threads).
+
+Callers never touch the LLMEngine: `generate` validates and tokenises the prompt in the caller's thread (so a bad
+prompt raises right away), then hands the request to the engine thread through a command list; the thread runs steps
+while there is work and sends each output to the request's sink (`loop.call_soon_threadsafe` for asyncio streams,
+a `queue.Queue` for the synchronous pipeline). Leaving a stream early sends an abort, which frees the KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
+
+from ..config import EngineConfig, GenerationConfig
+from .llm_engine import LLMEngine, Prompt
+from .outputs import StreamOutput
+
+__all__ = ["AsyncEngine", "LLMEngine", "StreamOutput"]
+
+log = logging.getLogger(__name__)
+Sink = Callable[[StreamOutput], None]
+
+
+class AsyncEngine:
+    def __init__(self, model_path: Union[str, Path, None] = None, config: Optional[EngineConfig] = None,
+                 **options: Any):
+        if config is None:
+            config = EngineConfig.from_dict(options)
+        elif options:
+            raise ValueError(f"{sorted(options)[0]}: pass engine options either in config or as keywords, not both")
+        self.engine = LLMEngine(model_path, config)
+        self.config = self.engine.config
+        self.tokenizer = self.engine.tokenizer
+        self.spec = self.engine.spec
+        self.model_name = self.engine.model_name
+        self.model_path = self.engine.model_path
+        self.session_len = self.engine.session_len
+        self._cv = threading.Condition()
+        self._commands: list[tuple[str, Any]] = []
+        self._sinks: dict[str, Sink] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="puyu-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API -----------------------------------------------------------------------------------------------
+    def generate(self, prompt: Prompt, gen_config: Optional[GenerationConfig] = None,
+                 request_id: Optional[str] = None) -> AsyncIterator[StreamOutput]:
+        """Stream of `StreamOutput` deltas; raises (PromptTooLongError, ValueError) before anything is yielded."""
+        ids, gen_config, request_id = self._prepare(prompt, gen_config, request_id)
+        return self._stream(ids, gen_config, request_id)
+
+    def stream_sync(self, prompt: Prompt, gen_config: Optional[GenerationConfig] = None,
+                    request_id: Optional[str] = None) -> Iterator[StreamOutput]:
+        """The same stream for synchronous callers (the pipeline); closing the iterator aborts the request."""
+        ids, gen_config, request_id = self._prepare(prompt, gen_config, request_id)
+        return self._stream_sync(ids, gen_config, request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit("abort", request_id)
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the engine's counters (read without stopping the engine thread)."""
+        return self.engine.stats()
+
+    def close(self) -> None:
+        """Stop the engine thread (requests still running end with 'abort')."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=60)
+
+    def __enter__(self) -> "AsyncEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- request plumbing -----------------------------------------------------------------------------------------
+    def _prepare(self, prompt: Prompt, gen_config: Optional[GenerationConfig],
+                 request_id: Optional[str]) -> tuple[list[int], GenerationConfig, str]:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        gen_config = gen_config if gen_config is not None else GenerationConfig()
+        if not isinstance(gen_config, GenerationConfig):
+            raise ValueError(f"gen_config: must be a GenerationConfig, got {type(gen_config).__name__}")
+        gen_config.validate()
+        ids = self.engine.prepare_prompt(prompt)
+        return ids, gen_config, request_id or uuid.uuid4().hex
+
+    def _register(self, request_id: str, ids: list[int], gen_config: GenerationConfig, sink: Sink) -> None:
+        with self._cv:
+            if request_id in self._sinks:
+                raise ValueError(f"request_id: {request_id!r} is already running")
+            self._sinks[request_id] = sink
+            self._commands.append(("add", (request_id, ids, gen_config)))
+            self._cv.notify()
+
+    async def _stream(self, ids: list[int], gen_config: GenerationConfig,
+                      request_id: str) -> AsyncIterator[StreamOutput]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[StreamOutput] = asyncio.Queue()
+
+        def sink(out: StreamOutput) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, out)
+            except RuntimeError:  # the caller's loop is gone: nobody listens any more
+                self.abort(request_id)
+
+        self._register(request_id, ids, gen_config, sink)
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def _stream_sync(self, ids: list[int], gen_config: GenerationConfig, request_id: str) -> Iterator[StreamOutput]:
+        q: queue.Queue[StreamOutput] = queue.Queue()
+        self._register(request_id, ids, gen_config, q.put)
+        finished = False
+        try:
+            while True:
+                out = q.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def _submit(self, kind: str, payload: Any) -> None:
+        with self._cv:
+            self._commands.append((kind, payload))
+            self._cv.notify()
+
+    # ---- the engine thread ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._commands and not self.engine.has_work() and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    outs = [o for rid in list(self.engine.requests) if (o := self.engine.abort(rid)) is not None]
+                    self._deliver(outs)
+                    return
+                commands, self._commands = self._commands, []
+                outs = [o for cmd in commands if (o := self._apply(cmd)) is not None]
+            self._deliver(outs)
+            if self.engine.has_work():
+                self._deliver(self._step())
+
+    def _apply(self, cmd: tuple[str, Any]) -> Optional[StreamOutput]:
+        kind, payload = cmd
+        if kind == "abort":
+            return self.engine.abort(payload)
+        request_id, ids, gen_config = payload
+        try:
+            self.engine.add_request(request_id, ids, gen_config)
+        except ValueError as exc:
+            return StreamOutput(finish_reason="error", error=str(exc), request_id=request_id)
+        return None
+
+    def _step(self) -> list[StreamOutput]:
+        try:
+            return self.engine.step()
+        except Exception as exc:  # a bug or an out-of-memory: end the requests instead of hanging them
+            log.exception("engine step failed")
+            return self.engine.fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _deliver(self, outs: list[StreamOutput]) -> None:
+        for out in outs:
+            with self._cv:
+                sink = self._sinks.get(out.request_id)
+                if out.finish_reason is not None:
+                    self._sinks.pop(out.request_id, None)
+            if sink is not None:
+                sink(out)

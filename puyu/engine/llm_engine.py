@@ -1,0 +1,206 @@
+"""LLMEngine: the synchronous core. Load a checkpoint, accept requests, run one scheduled step at a time.
+
+Not thread-safe: `AsyncEngine` drives it from a single background thread.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from ..config import ConfigError, EngineConfig, GenerationConfig
+from ..convert import load_model_weights
+from ..convert.spec import CheckpointError, ModelSpec
+from ..tokenizer import Tokenizer
+from .block_manager import BlockManager
+from .errors import PromptTooLongError
+from .kv_cache import KVCacheStorage
+from .memory import cpu_threads, num_cache_blocks, resolve_device, resolve_dtype
+from .model import DecoderModel
+from .model_runner import ModelRunner
+from .outputs import StreamOutput, TextStream
+from .sampler import SampleRequest, make_generator, sample
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+Prompt = Union[str, list[int], list[dict]]
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    text: TextStream
+    stop_ids: frozenset[int]
+
+
+def resolve_checkpoint(model_path: Union[str, Path, None]) -> Path:
+    from ..resolve import resolve_model_path
+
+    try:
+        path = resolve_model_path(None if model_path is None else str(model_path))
+    except FileNotFoundError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    return Path(path)
+
+
+def load_weights(path: Path, config: EngineConfig, device: torch.device
+                 ) -> tuple[ModelSpec, dict[str, torch.Tensor], torch.dtype]:
+    spec, weights = load_model_weights(path, None)
+    dtype = resolve_dtype(config, spec, device)
+    weights = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+               for k, v in weights.items()}
+    return spec, weights, dtype
+
+
+class LLMEngine:
+    def __init__(self, model_path: Union[str, Path, None] = None, config: Optional[EngineConfig] = None):
+        self.config = config = config or EngineConfig()
+        config.validate()
+        if config.tp != 1:
+            raise ConfigError("tp", "the native engine runs on one device (tp=1); use the TurboMind backend for tp>1")
+        self.model_path = resolve_checkpoint(model_path)
+        self.model_name = self.model_path.name
+        self.device = resolve_device(config)
+        cpu_threads(config)
+        self.spec, weights, self.dtype = load_weights(self.model_path, config, self.device)
+        self.model = DecoderModel(self.spec, weights, self.device)
+        self.tokenizer = Tokenizer(self.model_path, self.spec.vocab_size, self.spec.eos_token_ids)
+        self._init_cache()
+        self.requests: dict[str, _Request] = {}
+        self.tokens_generated = 0
+
+    def _init_cache(self) -> None:
+        c, s = self.config, self.spec
+        session_len = c.session_len or s.session_len
+        blocks = num_cache_blocks(c, s, self.dtype, self.device, session_len)
+        capacity = blocks * c.cache_block_seq_len
+        if capacity < session_len:
+            log.warning("session_len %d clamped to the KV cache capacity %d tokens", session_len, capacity)
+        self.session_len = min(session_len, capacity)
+        self.cache = KVCacheStorage(s.num_layers, blocks, c.cache_block_seq_len, s.num_kv_heads, s.head_dim,
+                                    self.dtype, self.device, c.quant_policy)
+        self.block_manager = BlockManager(blocks, c.cache_block_seq_len, c.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_prefill_token_num)
+        self.runner = ModelRunner(self.model, self.cache)
+
+    # ---- requests -------------------------------------------------------------------------------------------------
+    def prepare_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: a string (as is), token ids, or chat messages (rendered with the chat template)."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            self.tokenizer.check_ids(ids, "prompt token id")
+        else:
+            raise ValueError(f"prompt: must be a string, a list of token ids or a list of chat messages, "
+                             f"got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt: empty (no tokens)")
+        if len(ids) > self.session_len:
+            raise PromptTooLongError(len(ids), self.session_len)
+        return ids
+
+    def add_request(self, request_id: str, prompt_ids: list[int], gen_config: GenerationConfig) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        if len(prompt_ids) > self.session_len:
+            raise PromptTooLongError(len(prompt_ids), self.session_len)
+        gen_config.validate()
+        stop = set(gen_config.stop_token_ids or ())
+        if not gen_config.ignore_eos:
+            stop |= set(self.tokenizer.stop_token_ids)
+        seq = Sequence(request_id, list(prompt_ids), gen_config, self.session_len,
+                       generator=None if gen_config.greedy else make_generator(gen_config.random_seed))
+        text = TextStream(self.tokenizer, gen_config.skip_special_tokens, gen_config.stop_words)
+        self.requests[request_id] = _Request(seq, text, frozenset(stop))
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str, reason: str = "abort", error: Optional[str] = None) -> Optional[StreamOutput]:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req.seq, reason)
+        return StreamOutput(finish_reason=reason, input_token_len=len(req.seq.prompt_ids),
+                            generate_token_len=len(req.seq.output_ids), error=error, request_id=request_id)
+
+    def fail_all(self, error: str) -> list[StreamOutput]:
+        """After an exception inside a step: end every request with finish_reason 'error'."""
+        return [o for rid in list(self.requests) if (o := self.abort(rid, "error", error)) is not None]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -------------------------------------------------------------------------------------------------
+    def step(self) -> list[StreamOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return self._unschedulable()
+        logits = self.runner.run(scheduled)
+        for item in scheduled:
+            item.seq.num_computed += item.num_tokens
+            self.block_manager.register_full_blocks(item.seq)
+        done = [item.seq for item in scheduled if item.completes]
+        reqs = [self.requests[s.request_id] for s in done]
+        tokens, logprobs = sample(logits, [SampleRequest(r.seq.gen_config, r.seq.prompt_ids, r.seq.output_ids,
+                                                         sorted(r.stop_ids), r.seq.generator) for r in reqs])
+        return [self._append(r, t, lp) for r, t, lp in zip(reqs, tokens, logprobs)]
+
+    def _unschedulable(self) -> list[StreamOutput]:
+        """Nothing fits although work is waiting (cannot happen with a consistent config): fail the head request."""
+        if self.scheduler.running or not self.scheduler.waiting:
+            return []
+        seq = self.scheduler.waiting[0]
+        out = self.abort(seq.request_id, "error", f"request needs more KV blocks than the cache has "
+                                                  f"({self.block_manager.num_blocks})")
+        return [out] if out else []
+
+    def _append(self, req: _Request, token: int, logprobs: Optional[dict[int, float]]) -> StreamOutput:
+        seq = req.seq
+        g = seq.gen_config
+        if token in req.stop_ids and len(seq.output_ids) >= g.min_new_tokens:
+            return self._finish(req, StreamOutput(), "stop")
+        seq.output_ids.append(token)
+        self.tokens_generated += 1
+        out = StreamOutput(text=req.text.add([token]), token_ids=[token],
+                           logprobs=None if logprobs is None else [logprobs])
+        if req.text.stopped:
+            return self._finish(req, out, "stop")
+        if len(seq.output_ids) >= g.max_new_tokens or len(seq) >= self.session_len:
+            return self._finish(req, out, "length")
+        return self._fill(out, seq)
+
+    def _finish(self, req: _Request, out: StreamOutput, reason: str) -> StreamOutput:
+        out.text += req.text.finish()
+        self.requests.pop(req.seq.request_id, None)
+        self.scheduler.finish(req.seq, reason)
+        out.finish_reason = reason
+        return self._fill(out, req.seq)
+
+    @staticmethod
+    def _fill(out: StreamOutput, seq: Sequence) -> StreamOutput:
+        out.request_id = seq.request_id
+        out.input_token_len = len(seq.prompt_ids)
+        out.generate_token_len = len(seq.output_ids)
+        return out
+
+    # ---- introspection --------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        bm = self.block_manager
+        return {
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "blocks_total": bm.num_blocks, "blocks_used": bm.num_blocks - bm.num_free, "blocks_free": bm.num_free,
+            "block_size": bm.block_size, "kv_cache_bytes": self.cache.nbytes(),
+            "prefix_cache_queries": bm.stats.queries, "prefix_cache_hits": bm.stats.hits,
+            "prefix_cache_hit_tokens": bm.stats.hit_tokens, "prefix_cache_query_tokens": bm.stats.query_tokens,
+            "preemptions": self.scheduler.num_preemptions, "tokens_generated": self.tokens_generated,
+            "session_len": self.session_len, "quant_policy": self.config.quant_policy,
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        }

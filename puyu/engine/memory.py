@@ -1,0 +1,73 @@
+"""How many KV-cache blocks to allocate, and which device/dtype to compute in.
+
+`cache_max_entry_count` >= 1 is an absolute block count. Below 1 it is a fraction of the free memory, measured after
+the weights are loaded: `torch.cuda.mem_get_info` on cuda; on cpu the available RAM (psutil, else /proc/meminfo), of
+which at most `CPU_CACHE_CAP_BYTES` (4 GiB) is taken, so a tiny model on a shared machine does not claim all RAM.
+Either way a fraction never allocates more blocks than `max_batch_size` full sessions need.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import ConfigError, EngineConfig
+from ..convert.spec import ModelSpec
+from .kv_cache import KVCacheStorage
+
+CPU_CACHE_CAP_BYTES = 4 * 1024 ** 3
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", f"{config.device!r} requested but CUDA is not available")
+    return torch.device(config.device)
+
+
+def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """'auto': float32 on cpu (fp16 matmuls are slow there), the checkpoint's dtype on cuda."""
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return _DTYPES.get(spec.torch_dtype, torch.float16)
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable", info.get("MemFree", 0))
+
+
+def num_cache_blocks(config: EngineConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                     session_len: int) -> int:
+    count = config.cache_max_entry_count
+    if count >= 1:
+        return int(count)
+    per_block = KVCacheStorage.bytes_per_block(spec.num_layers, config.cache_block_seq_len, spec.num_kv_heads,
+                                               spec.head_dim, dtype, config.quant_policy)
+    budget = available_bytes(device) * count
+    if device.type == "cpu":
+        budget = min(budget, CPU_CACHE_CAP_BYTES)
+    blocks_per_session = -(-session_len // config.cache_block_seq_len)
+    blocks = min(int(budget // per_block), config.max_batch_size * blocks_per_session)
+    if blocks < 1:
+        raise ConfigError("cache_max_entry_count", f"{count} of the free memory holds no KV block "
+                          f"({per_block} bytes each); raise it or give an absolute block count")
+    return blocks
+
+
+def cpu_threads(config: EngineConfig) -> None:
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    elif os.environ.get("PUYU_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["PUYU_NUM_THREADS"]))
