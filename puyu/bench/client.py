@@ -84,6 +84,7 @@ class _StreamState:
         self.parts: list[str] = []
         self.usage_cum: Optional[int] = None
         self.final_usage: Optional[dict[str, Any]] = None
+        self.tokenised = False  # some chunk's count came from tokenising its delta
 
     def feed(self, event: dict[str, Any], t: float) -> None:
         if event.get("error"):
@@ -105,6 +106,7 @@ class _StreamState:
             n = usage["completion_tokens"] - (self.usage_cum or 0)
             if n >= 1:
                 return n
+        self.tokenised = True
         return max(1, count_tokens(self.tokenizer, text))
 
     def finish(self) -> None:
@@ -113,11 +115,35 @@ class _StreamState:
         if self.final_usage and self.final_usage.get("completion_tokens") is not None:
             r.output_tokens = int(self.final_usage["completion_tokens"])
             r.server_prompt_tokens = self.final_usage.get("prompt_tokens")
+            if self.tokenised and r.chunks:
+                rescale_chunk_tokens(r.chunks, r.output_tokens)
         else:
             r.output_tokens = count_tokens(self.tokenizer, r.generated_text)
         if not r.chunks:
             raise RuntimeError("the stream ended without any content")
         r.success = True
+
+
+def rescale_chunk_tokens(chunks: list[Chunk], total: int) -> None:
+    """Make tokenised per-chunk counts sum to the server's total (re-tokenising deltas over- or under-counts,
+    e.g. on partial UTF-8): proportional shares, largest remainders, at least 1 per chunk while tokens last."""
+    if total <= 0 or sum(c.tokens for c in chunks) == total:
+        return
+    if total <= len(chunks):
+        for i, c in enumerate(chunks):
+            c.tokens = 1 if i < total else 0
+        return
+    spare = total - len(chunks)  # one token per chunk first, the rest in proportion to the tokenised counts
+    weights = [max(c.tokens - 1, 0) for c in chunks]
+    if sum(weights) == 0:
+        weights = [1] * len(chunks)
+    shares = [spare * w / sum(weights) for w in weights]
+    extra = [int(s) for s in shares]
+    order = sorted(range(len(chunks)), key=lambda i: shares[i] - extra[i], reverse=True)
+    for i in order[:spare - sum(extra)]:
+        extra[i] += 1
+    for c, e in zip(chunks, extra):
+        c.tokens = 1 + e
 
 
 def _parse_sse_line(line: str) -> Optional[dict[str, Any]]:

@@ -65,25 +65,37 @@ def length_bounds(length: int, ratio: float, mode: str) -> tuple[int, int]:
 
 
 def _normal_token_ids(tokenizer: Any) -> list[int]:
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    special.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    return [i for i in range(len(tokenizer)) if i not in special]
+    """Non-special ids whose text re-encodes to themselves (no partial UTF-8 bytes), so random prompts converge."""
+    key = id(tokenizer)
+    if key not in _VOCAB_CACHE:
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        special.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        ids = [i for i in range(len(tokenizer)) if i not in special]
+        stable = [i for i in ids if tokenizer.encode(tokenizer.decode([i]), add_special_tokens=False) == [i]]
+        _VOCAB_CACHE[key] = stable or ids
+    return _VOCAB_CACHE[key]
+
+
+_VOCAB_CACHE: dict[int, list[int]] = {}
 
 
 def exact_prompt(tokenizer: Any, n: int, rng: random.Random, vocab: list[int]) -> tuple[str, int]:
-    """Text that re-encodes to exactly n tokens when the tokenizer allows (re-encode, cut or pad, repeat).
-
-    Returns (text, its measured token count); the count differs from n only if 20 rounds did not converge.
-    """
-    ids = [rng.choice(vocab) for _ in range(n)]
-    text = tokenizer.decode(ids)
-    for _ in range(20):
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) == n:
-            return text, n
-        ids = ids[:n] if len(ids) > n else ids + [rng.choice(vocab) for _ in range(n - len(ids))]
+    """Text that re-encodes to exactly n tokens: draw ids, decode, re-encode, cut or pad, repeat (new draws
+    after 10 rounds). Returns (text, its measured token count); the count is n unless 5 draws did not converge."""
+    text, count = "", 0
+    for _ in range(5):
+        ids = [rng.choice(vocab) for _ in range(n)]
         text = tokenizer.decode(ids)
-    return text, len(tokenizer.encode(text, add_special_tokens=False))
+        for _ in range(10):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) == n:
+                return text, n
+            ids = ids[:n] if len(ids) > n else ids + [rng.choice(vocab) for _ in range(n - len(ids))]
+            text = tokenizer.decode(ids)
+        count = len(tokenizer.encode(text, add_special_tokens=False))
+        if count == n:
+            return text, n
+    return text, count
 
 
 def random_dataset(cfg: DatasetConfig, tokenizer: Any) -> list[SampleRequest]:
