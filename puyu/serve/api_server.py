@@ -1,0 +1,116 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) on top of any engine that follows the AsyncEngine contract.
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics.
+Every error is OpenAI's error JSON with the matching status; an exception inside one request answers that request
+with a 500 and leaves the server and the other requests running.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .chat_api import ChatCompletion
+from .completions_api import Completion
+from .errors import APIError, from_validation_errors
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .middleware import APIKeyMiddleware, JSONBodyMiddleware, RequestCountMiddleware
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import ClientGone, now
+
+log = logging.getLogger("puyu.serve")
+CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it, the log does
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return from_validation_errors(exc.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code).response(headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s %s failed", request.method, request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error").response()
+
+
+def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence[str] = ()) -> FastAPI:
+    """The ASGI app serving `engine` under `model_name` (default: the engine's). `api_keys`: required keys on /v1."""
+    served = model_name or engine.model_name
+    metrics = ServerMetrics(getattr(engine, "stats", None))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        close = getattr(engine, "close", None) or getattr(engine, "shutdown", None)
+        if close is not None:
+            result = close()
+            if hasattr(result, "__await__"):
+                await result
+
+    app = FastAPI(title="puyu", description="OpenAI-compatible API for InternLM chat models", version="0.1.0",
+                  lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, served
+    _install_error_handlers(app)
+
+    def check_model(name: str) -> None:
+        if name != served:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}",
+                           param="model", code="model_not_found")
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        card = {"id": served, "object": "model", "created": now(), "owned_by": "puyu",
+                "max_model_len": int(engine.session_len)}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        call = ChatCompletion(body, engine, metrics, served)
+        log.info("%s user=%s session_id=%s", call.id, body.user, body.session_id)
+        return await call.respond(request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        call = Completion(body, engine, metrics, served)
+        log.info("%s user=%s session_id=%s", call.id, body.user, body.session_id)
+        return await call.respond(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": served}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.add_middleware(JSONBodyMiddleware)
+    app.add_middleware(APIKeyMiddleware, keys=list(api_keys))
+    app.add_middleware(RequestCountMiddleware, metrics=metrics)
+    return app
+
+
+def run_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    """Serve until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)

@@ -1,0 +1,124 @@
+"""POST /v1/completions: raw prompts (strings or token ids, one or several), streaming and whole responses."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from .errors import APIError
+from .metrics import ServerMetrics
+from .protocol import CompletionRequest
+from .responses import (SSE_DONE, ChoiceState, completion_logprobs, new_id, now, run_until_disconnect, sse,
+                        sse_response, usage)
+from .runner import Job, merged, start
+
+
+class Completion:
+    """One completion call: choice index = prompt number * n + sample number (as OpenAI numbers them)."""
+
+    def __init__(self, req: CompletionRequest, engine: Any, metrics: ServerMetrics, model_name: str):
+        self.req, self.engine, self.metrics, self.model = req, engine, metrics, model_name
+        self.id = new_id("cmpl")
+        self.created = now()
+        self.n = req.n or 1
+        self.prompts = req.prompts()
+
+    def _jobs(self) -> list[Job]:
+        skip = True if self.req.skip_special_tokens is None else self.req.skip_special_tokens
+        jobs = []
+        for p, prompt in enumerate(self.prompts):
+            if isinstance(prompt, list):
+                self.engine.tokenizer.check_ids(prompt, "prompt token id")
+            for i in range(self.n):
+                cfg = self.req.generation_config(self.req.max_tokens or 16, self.req.logprobs, skip, i)
+                jobs.append(Job(p * self.n + i, prompt, cfg))
+        return jobs
+
+    def _echo(self, index: int) -> str:
+        if not self.req.echo:
+            return ""
+        prompt = self.prompts[index // self.n]
+        return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt, skip_special_tokens=False)
+
+    def _prompt_tokens(self, states: dict[int, ChoiceState]) -> int:
+        """Each prompt counted once, however many samples it has."""
+        return sum(states[p * self.n].prompt_tokens for p in range(len(self.prompts)))
+
+    async def respond(self, request: Request) -> Response:
+        try:
+            jobs = self._jobs()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt", code="invalid_value") from None
+        streams = await start(self.engine, jobs, self.id, self.metrics, prompt_field="prompt")
+        if self.req.stream:
+            return sse_response(self._stream(streams))
+        return await run_until_disconnect(request, self._whole(streams), self.metrics)
+
+    def _logprobs(self, state: ChoiceState, ids: list[int], lps: list, offset: int) -> Optional[dict[str, Any]]:
+        if self.req.logprobs is None:
+            return None
+        return completion_logprobs(self.engine.tokenizer, ids, lps, self.req.logprobs, offset)
+
+    async def _whole(self, streams: list) -> JSONResponse:
+        states = {s.index: ChoiceState() for s in streams}
+        async for index, out in merged(streams):
+            states[index].add(out)
+        errors = [s.error or "unknown engine error" for s in states.values() if s.finish_reason == "error"]
+        if errors:
+            raise APIError(500, f"the engine failed on this request: {errors[0]}", code="engine_error")
+        choices = []
+        for index, state in sorted(states.items()):
+            echo = self._echo(index)
+            choices.append({"index": index, "text": echo + state.full_text, "finish_reason": state.finish_reason,
+                            "logprobs": self._logprobs(state, state.token_ids, state.logprobs, len(echo))})
+        completion_tokens = sum(s.completion_tokens for s in states.values())
+        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage(self._prompt_tokens(states), completion_tokens)}
+        return JSONResponse(body)
+
+    def _chunk(self, index: int, text: str, finish: Optional[str] = None,
+               logprobs: Optional[dict] = None) -> str:
+        body: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
+                                "model": self.model,
+                                "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                             "finish_reason": finish}]}
+        if self.req.include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    async def _stream(self, streams: list) -> AsyncIterator[str]:
+        states = {s.index: ChoiceState() for s in streams}
+        offsets = {index: 0 for index in states}
+        for index in states:
+            echo = self._echo(index)
+            if echo:
+                offsets[index] = len(echo)
+                yield self._chunk(index, echo)
+        try:
+            async for index, out in merged(streams):
+                state = states[index]
+                state.add(out)
+                text = out.text or ""
+                lps = self._logprobs(state, list(out.token_ids or []), list(out.logprobs or []), offsets[index])
+                offsets[index] += len(text)
+                if out.finish_reason == "error":
+                    yield self._chunk(index, text, "error")
+                    yield sse(APIError(500, f"the engine failed on this request: {state.error or 'unknown error'}",
+                                       code="engine_error").body())
+                elif text or lps or out.finish_reason:
+                    yield self._chunk(index, text, out.finish_reason, lps)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.metrics.aborted.inc()
+            raise
+        except Exception as exc:  # an engine failure mid-stream ends this stream only
+            yield sse(APIError(500, f"the engine failed on this request: {type(exc).__name__}: {exc}",
+                               code="engine_error").body())
+            yield SSE_DONE
+            return
+        if self.req.include_usage:
+            completion_tokens = sum(s.completion_tokens for s in states.values())
+            yield sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                       "choices": [], "usage": usage(self._prompt_tokens(states), completion_tokens)})
+        yield SSE_DONE

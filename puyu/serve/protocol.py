@@ -1,0 +1,250 @@
+"""Request models of the OpenAI-compatible API (pydantic), and their mapping onto `GenerationConfig`.
+
+Every request model forbids unknown fields, so a typo or a field we do not implement is a 400 that names it instead of
+being silently ignored. OpenAI fields we know but cannot honour are declared (so the schema documents them) and are
+rejected when they carry a value; `null` asks for nothing and is accepted. LMDeploy's extra sampling fields are
+accepted because the native engine honours them.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..config import GenerationConfig
+
+MAX_N = 16
+MAX_STOP = 16
+
+
+class UnsupportedFieldError(ValueError):
+    """A known OpenAI field that this server cannot honour was given a value."""
+
+    def __init__(self, fields: list[str], why: str = "not supported by this server"):
+        self.fields = fields
+        super().__init__(f"unsupported field{'s' if len(fields) > 1 else ''} {', '.join(map(repr, fields))}: {why}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-.]+$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    @model_validator(mode="after")
+    def _content_required(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[dict[str, Any]] = None
+
+
+class _Sampling(_Strict):
+    """Fields shared by chat and completion requests."""
+
+    model: str
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    n: Optional[int] = Field(default=None, ge=1, le=MAX_N)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(default=None, ge=-(2**63), le=2**63 - 1 - MAX_N)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = Field(default=None, description="Recorded in the server log with the request id.")
+    # LMDeploy's extras
+    top_k: Optional[int] = Field(default=None, ge=0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0)
+    ignore_eos: Optional[bool] = None
+    skip_special_tokens: Optional[bool] = None
+    min_new_tokens: Optional[int] = Field(default=None, ge=0)
+    session_id: Optional[int] = Field(default=None, ge=-(2**63), lt=2**63, description="LMDeploy's session id; part of the request id.")
+    # known OpenAI fields we cannot honour: rejected when given a value
+    logit_bias: Optional[dict[str, Any]] = None
+    service_tier: Optional[str] = None
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias", "service_tier")
+
+    @model_validator(mode="after")
+    def _check_common(self) -> "_Sampling":
+        given = [f for f in self.UNSUPPORTED if getattr(self, f) is not None]
+        if given:
+            raise UnsupportedFieldError(given)
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("'stream_options' is only allowed with 'stream': true")
+        stops = self.stop_words()
+        if stops is not None and (len(stops) > MAX_STOP or not all(stops)):
+            raise ValueError(f"'stop' must be at most {MAX_STOP} non-empty strings")
+        return self
+
+    def stop_words(self) -> Optional[list[str]]:
+        if self.stop is None:
+            return None
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def generation_config(self, max_new_tokens: int, logprobs: Optional[int], skip_special: bool,
+                          choice: int = 0) -> GenerationConfig:
+        """The engine's sampling options for choice number `choice` (n>1 runs n requests with seeds seed+i)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        seed = None if self.seed is None else self.seed + choice
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens, min_new_tokens=self.min_new_tokens or 0,
+            do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            random_seed=seed, stop_words=self.stop_words(), ignore_eos=bool(self.ignore_eos),
+            skip_special_tokens=skip_special, logprobs=logprobs)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    tools: Optional[list[Tool]] = Field(default=None, min_length=1)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[ResponseFormat] = None
+    # known OpenAI chat fields we cannot honour
+    functions: Optional[list[Any]] = None
+    function_call: Optional[Any] = None
+    audio: Optional[Any] = None
+    modalities: Optional[list[str]] = None
+    prediction: Optional[Any] = None
+    store: Optional[bool] = None
+    metadata: Optional[dict[str, Any]] = None
+    reasoning_effort: Optional[str] = None
+    web_search_options: Optional[Any] = None
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = (
+        "logit_bias", "service_tier", "functions", "function_call", "audio", "modalities", "prediction",
+        "store", "metadata", "reasoning_effort", "web_search_options")
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> "ChatCompletionRequest":
+        if self.response_format is not None and self.response_format.type != "text":
+            raise UnsupportedFieldError(["response_format"], f"type {self.response_format.type!r} is not supported "
+                                        "(the engine has no constrained decoding); only 'text'")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("'max_tokens' and 'max_completion_tokens' disagree; give one")
+        names = {t.function.name for t in self.tools or []}
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"'tool_choice' names {self.tool_choice.function.name!r}, which is not in 'tools'")
+        if self.tool_choice in ("required",) and not self.tools:
+            raise ValueError("'tool_choice': 'required' needs 'tools'")
+        return self
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def engine_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt
+    max_tokens: Optional[int] = Field(default=16, ge=1)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    echo: Optional[bool] = False
+    # LMDeploy's client always sends this one; only the default behaviour exists here
+    spaces_between_special_tokens: Optional[bool] = None
+    # known OpenAI completion fields we cannot honour
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias", "service_tier", "suffix")
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise UnsupportedFieldError(["best_of"], "only best_of == n is supported")
+        if self.spaces_between_special_tokens is False:
+            raise UnsupportedFieldError(["spaces_between_special_tokens"], "only true is supported")
+        prompts = self.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("'prompt' must not be empty")
+        if len(prompts) * (self.n or 1) > 64:
+            raise ValueError("'prompt' x 'n' must be at most 64 choices")
+        return self
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompt as a list of prompts (each a string or a list of token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]

@@ -1,0 +1,142 @@
+"""Running the engine requests of one API call: `n` choices (and several prompts), merged into one stream.
+
+Each engine request is primed (its first output awaited) before the HTTP response starts, so a prompt that is too
+long or an option the engine rejects becomes a 400 instead of a broken stream. Closing the merged stream (client gone,
+task cancelled) closes every engine iterator at once, which aborts the requests and frees their KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional, Sequence
+
+import anyio
+
+from ..config import ConfigError, GenerationConfig
+from .errors import APIError, bad_request
+from .metrics import RequestTimer, ServerMetrics
+
+
+@dataclass
+class Job:
+    """One engine request: which choice it answers, its prompt and its options."""
+
+    index: int
+    prompt: Any
+    gen_config: GenerationConfig
+
+
+class ChoiceStream:
+    """An engine iterator whose first output has already arrived."""
+
+    def __init__(self, index: int, iterator: Any, first: Any, timer: RequestTimer):
+        self.index = index
+        self.iterator = iterator
+        self.first: Optional[Any] = first
+        self.timer = timer
+        self.done = False
+
+    async def outputs(self) -> AsyncIterator[Any]:
+        while True:
+            if self.first is not None:
+                out, self.first = self.first, None
+            else:
+                try:
+                    out = await self.iterator.__anext__()
+                except StopAsyncIteration:
+                    self.done = True
+                    return
+            self.timer.tokens_arrived(time.perf_counter(), len(getattr(out, "token_ids", None) or []))
+            if getattr(out, "finish_reason", None) is not None:
+                self.done = True
+                self.timer.done(time.perf_counter(), int(getattr(out, "input_token_len", 0) or 0))
+            yield out
+            if self.done:
+                return
+
+    async def close(self) -> None:
+        """Abort the engine request unless it finished (shielded: it runs while the caller is being cancelled)."""
+        with anyio.CancelScope(shield=True):
+            await self.iterator.aclose()
+
+
+def engine_error(exc: BaseException, prompt_field: str = "messages") -> APIError:
+    """An exception raised while starting a request, as the answer to the client."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ConfigError):
+        return bad_request(str(exc), exc.field)
+    if isinstance(exc, ValueError):  # PromptTooLongError is one: its message holds both lengths
+        code = "context_length_exceeded" if type(exc).__name__ == "PromptTooLongError" else "invalid_value"
+        return bad_request(str(exc), prompt_field if code == "context_length_exceeded" else None, code)
+    return APIError(500, f"the engine failed on this request: {type(exc).__name__}: {exc}", code="engine_error")
+
+
+async def start(engine: Any, jobs: Sequence[Job], request_id: str, metrics: ServerMetrics,
+                prompt_field: str = "messages") -> list[ChoiceStream]:
+    """Submit every job and wait for its first output; on any failure abort the others and raise APIError."""
+    started: list[ChoiceStream] = []
+    t0 = time.perf_counter()
+    try:
+        for job in jobs:
+            it = engine.generate(job.prompt, job.gen_config, request_id=f"{request_id}-{job.index}")
+            it = it.__aiter__()
+            try:
+                first = await it.__anext__()
+            except StopAsyncIteration:
+                raise APIError(500, "the engine ended the request without output", code="engine_error") from None
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await it.aclose()
+                raise
+            started.append(ChoiceStream(job.index, it, first, RequestTimer(metrics, t0)))
+    except BaseException as exc:
+        for s in started:
+            await s.close()
+        if isinstance(exc, Exception):
+            raise engine_error(exc, prompt_field) from exc
+        raise
+    return started
+
+
+async def merged(streams: list[ChoiceStream]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, output) from all streams as they come; closing this closes them all."""
+    if len(streams) == 1:
+        s = streams[0]
+        try:
+            async for out in s.outputs():
+                yield s.index, out
+        finally:
+            await s.close()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    sentinel = object()
+
+    async def pump(s: ChoiceStream) -> None:
+        try:
+            async for out in s.outputs():
+                await queue.put((s.index, out))
+        except Exception as exc:  # one failing choice must not hang the merge
+            await queue.put((s.index, exc))
+        finally:
+            await queue.put((s.index, sentinel))
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    remaining = len(streams)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is sentinel:
+                remaining -= 1
+                continue
+            if isinstance(item, Exception):
+                raise item
+            yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait(tasks)  # an iterator cannot be closed while its pump is still inside it
+        for s in streams:
+            await s.close()

@@ -1,0 +1,139 @@
+"""The TurboMind backend: LMDeploy's engine behind our `AsyncEngine` contract.
+
+`turbomind_options` maps our `EngineConfig` onto the fields of LMDeploy's `TurbomindEngineConfig` (a pure function,
+so the mapping is testable where LMDeploy is not installed); `turbomind_engine_config` builds the real class.
+`unavailable_reason` says in one line why TurboMind cannot run here (no LMDeploy, no compiled extension, no GPU).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional, Union
+
+from ..config import ConfigError, EngineConfig, GenerationConfig
+
+TM_DTYPES = ("auto", "float16", "bfloat16")
+
+
+def _model_format(model_path: Optional[Path]) -> Optional[str]:
+    """'awq' for an AWQ checkpoint, None (LMDeploy's auto-detection) otherwise."""
+    if model_path is None or not (Path(model_path) / "config.json").exists():
+        return None
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    method = str((cfg.get("quantization_config") or {}).get("quant_method", "")).lower()
+    return "awq" if method == "awq" else None
+
+
+def turbomind_options(config: EngineConfig, model_path: Optional[Path] = None) -> dict[str, Any]:
+    """The keyword arguments of `TurbomindEngineConfig` for our options; ConfigError for what TurboMind lacks."""
+    if config.dtype not in TM_DTYPES:
+        raise ConfigError("dtype", f"TurboMind supports {', '.join(TM_DTYPES)}, got {config.dtype!r}")
+    if config.device == "cpu":
+        raise ConfigError("device", "TurboMind runs on CUDA GPUs only; use --backend native on cpu")
+    entry = config.cache_max_entry_count
+    if not 0 < entry < 1:
+        raise ConfigError("cache_max_entry_count", f"TurboMind (LMDeploy 0.7) takes a fraction in (0, 1), got {entry!r}")
+    return {
+        "dtype": config.dtype,
+        "model_format": _model_format(model_path),
+        "tp": config.tp,
+        "session_len": config.session_len,
+        "max_batch_size": config.max_batch_size,
+        "cache_max_entry_count": float(entry),
+        "cache_block_seq_len": config.cache_block_seq_len,
+        "enable_prefix_caching": config.enable_prefix_caching,
+        "quant_policy": config.quant_policy,
+        "max_prefill_token_num": config.max_prefill_token_num,
+    }
+
+
+def turbomind_engine_config(config: EngineConfig, model_path: Optional[Path] = None) -> Any:
+    """LMDeploy's own `TurbomindEngineConfig` (ImportError if LMDeploy is not installed)."""
+    from lmdeploy.messages import TurbomindEngineConfig
+
+    return TurbomindEngineConfig(**turbomind_options(config, model_path))
+
+
+def lmdeploy_generation_config(gen: GenerationConfig) -> Any:
+    """Our per-request options as LMDeploy's `GenerationConfig`."""
+    from lmdeploy.messages import GenerationConfig as LMDGenerationConfig
+
+    return LMDGenerationConfig(
+        n=1, max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens or None, do_sample=not gen.greedy,
+        top_p=gen.top_p, top_k=gen.top_k, temperature=gen.temperature, repetition_penalty=gen.repetition_penalty,
+        ignore_eos=gen.ignore_eos, random_seed=gen.random_seed, stop_words=gen.stop_words,
+        stop_token_ids=gen.stop_token_ids, skip_special_tokens=gen.skip_special_tokens, logprobs=gen.logprobs)
+
+
+def unavailable_reason() -> Optional[str]:
+    """None if TurboMind can run here, else one line saying why not."""
+    try:
+        import lmdeploy  # noqa: F401
+    except ImportError as exc:
+        return f"LMDeploy is not installed ({exc}); pip install 'puyu[turbomind]'"
+    except Exception as exc:  # a broken install raises anything
+        return f"LMDeploy cannot be imported ({type(exc).__name__}: {exc})"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "TurboMind needs a CUDA GPU and torch with CUDA; none is available here"
+    except Exception as exc:
+        return f"torch cannot query CUDA ({exc})"
+    try:
+        from lmdeploy.turbomind import TurboMind  # noqa: F401  (loads the compiled _turbomind extension)
+    except Exception as exc:
+        return f"LMDeploy's TurboMind extension cannot be loaded ({type(exc).__name__}: {exc})"
+    return None
+
+
+class TurboMindEngine:
+    """Adapts `lmdeploy.pipeline` (TurboMind) to the `AsyncEngine` contract used by the server and the chat."""
+
+    def __init__(self, model_path: Union[str, Path], config: EngineConfig, model_name: Optional[str] = None):
+        from lmdeploy import pipeline
+
+        self.config = config
+        self.model_path = Path(model_path)
+        self.pipe = pipeline(str(model_path), backend_config=turbomind_engine_config(config, self.model_path))
+        self.tokenizer = self.pipe.tokenizer
+        self.spec = None
+        self.model_name = model_name or self.model_path.name
+        self.session_len = int(self.pipe.session_len)
+        self._ids = itertools.count(1)
+        self._running = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"running": self._running, "waiting": 0}
+
+    async def generate(self, prompt: Any, gen_config: GenerationConfig,
+                       request_id: Optional[str] = None) -> AsyncIterator[Any]:
+        from puyu.engine import PromptTooLongError, StreamOutput
+
+        session_id = next(self._ids)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            kwargs: dict[str, Any] = {"messages": None, "input_ids": list(prompt)}
+            length = len(prompt)
+        else:
+            kwargs = {"messages": prompt, "do_preprocess": not isinstance(prompt, str)}
+            length = len(self.tokenizer.encode(prompt if isinstance(prompt, str) else
+                                               self.pipe.chat_template.messages2prompt(prompt)))
+        if length > self.session_len:
+            raise PromptTooLongError(length, self.session_len)
+        finished = False
+        self._running += 1
+        try:
+            async for out in self.pipe.generate(session_id=session_id, gen_config=lmdeploy_generation_config(
+                    gen_config), sequence_start=True, sequence_end=True, **kwargs):
+                finished = out.finish_reason is not None
+                yield StreamOutput(text=out.response, token_ids=list(out.token_ids or []),
+                                   finish_reason=out.finish_reason, input_token_len=out.input_token_len,
+                                   generate_token_len=out.generate_token_len, logprobs=out.logprobs)
+        finally:
+            self._running -= 1
+            if not finished:
+                await self.pipe.stop_session(session_id)
