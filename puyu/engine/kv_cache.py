@@ -112,12 +112,12 @@ class KVCacheStorage:
         if tuple(k.shape) != expect or tuple(v.shape) != expect:
             raise ValueError(f"k and v must have shape {expect}, got {tuple(k.shape)} and {tuple(v.shape)}")
         for x, data, params in ((k, self.k_data, self.k_params), (v, self.v_data, self.v_params)):
-            self._write_one(x.to(self.device), self._flat(data, layer), params, layer, slots)
+            self._write_one(x.to(device=self.device, dtype=self.dtype), self._flat(data, layer), params, layer, slots)
 
     def _write_one(self, x: torch.Tensor, data: torch.Tensor, params: torch.Tensor | None, layer: int,
                    slots: torch.Tensor) -> None:
         if self.quant_policy == 0:
-            data.index_copy_(0, slots, x.to(self.dtype))
+            data.index_copy_(0, slots, x)
             return
         q, scale, zero = kv_quant.quantize(x, QUANT_BITS[self.quant_policy], self.dtype)
         stored = q if self.quant_policy == 8 else kv_quant.pack_int4(q)

@@ -18,7 +18,12 @@ weights). `head_dim` must be a multiple of 8.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
+
+if sys.byteorder != "little":  # the int4 word layout below reads 4 bytes as one little-endian int32
+    raise ImportError("puyu's int4 KV packing assumes a little-endian machine")
 
 SUPPORTED_BITS = (8, 4)
 NIBBLES_PER_WORD = 8
@@ -34,7 +39,7 @@ def qmax(bits: int) -> int:
 def quant_params(x: torch.Tensor, bits: int, param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) over the last dim of `x`, in `param_dtype`; shapes `x.shape[:-1]`."""
     xf = x.float()
-    lo, hi = xf.amin(dim=-1), xf.amax(dim=-1)
+    lo, hi = xf.amin(dim=-1), xf.amax(dim=-1)  # (torch.aminmax was much slower on small cpu tensors)
     scale = (hi - lo) / qmax(bits)
     return scale.to(param_dtype), lo.to(param_dtype)
 
@@ -46,30 +51,32 @@ def quantize(x: torch.Tensor, bits: int, param_dtype: torch.dtype | None = None
     scale, zero = quant_params(x, bits, param_dtype or x.dtype)
     s = scale.float().unsqueeze(-1)
     safe = torch.where(s > 0, s, torch.ones_like(s))  # the constant-vector guard
-    q = torch.round((x.float() - zero.float().unsqueeze(-1)) / safe)  # torch.round: half to even
+    q = torch.sub(x.float(), zero.float().unsqueeze(-1)).div_(safe).round_()  # round_: half to even
     q = q.clamp_(0, qmax(bits)).masked_fill_(s == 0, 0)
     return q.to(torch.uint8), scale, zero
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x_hat = q * scale + zero (computed in float32, returned in `dtype`); scale/zero broadcast over the last dim."""
-    return (q.float() * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).to(dtype)
+    x_hat = torch.addcmul(zero.float().unsqueeze(-1), q.float(), scale.float().unsqueeze(-1))
+    return x_hat.to(dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 values in [0, 15], last dim D (a multiple of 8) -> int32 words, last dim D/8 (low nibble first)."""
+    """uint8 values in [0, 15], last dim D (a multiple of 8) -> int32 words, last dim D/8 (low nibble first).
+
+    Two values go into one byte (even index in the low nibble), and four consecutive bytes are read as one
+    little-endian int32, so value j of a group of 8 lands in bits [4j, 4j+4) of its word.
+    """
     d = q.shape[-1]
     if d % NIBBLES_PER_WORD:
         raise ValueError(f"int4 packing needs a last dim that is a multiple of 8, got {d}")
-    groups = q.reshape(*q.shape[:-1], d // NIBBLES_PER_WORD, NIBBLES_PER_WORD).to(torch.int32)
-    word = groups[..., 0].clone()
-    for j in range(1, NIBBLES_PER_WORD):
-        word |= groups[..., j] << (4 * j)  # bit 31 may be set: the int32 word is then negative, bits unchanged
-    return word
+    q = q.to(torch.uint8)
+    pairs = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+    return pairs.view(torch.int32)  # bit 31 may be set: the word is then negative, its bits unchanged
 
 
 def unpack_int4(words: torch.Tensor) -> torch.Tensor:
     """int32 words, last dim W -> uint8 values in [0, 15], last dim 8W (inverse of `pack_int4`)."""
-    shifts = torch.arange(0, 4 * NIBBLES_PER_WORD, 4, dtype=torch.int32, device=words.device)
-    nibbles = (words.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift; the mask drops the sign bits
-    return nibbles.reshape(*words.shape[:-1], words.shape[-1] * NIBBLES_PER_WORD).to(torch.uint8)
+    pairs = words.contiguous().view(torch.uint8)
+    return torch.stack([pairs & 0xF, pairs >> 4], dim=-1).reshape(*words.shape[:-1], -1)
