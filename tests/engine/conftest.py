@@ -1,0 +1,72 @@
+"""Helpers for the engine tests: transformers greedy references and engines on the tiny checkpoints."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import torch
+
+from puyu.config import EngineConfig, GenerationConfig
+
+NEW_TOKENS = 32
+
+
+def make_prompts(vocab: int, lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
+    """Random prompts of token ids (no special ids 0..2), deterministic."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab - 8, (n,), generator=gen).tolist() for n in lengths]
+
+
+def reference_greedy(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    """transformers' greedy continuation (its own KV cache), argmax of the raw logits, never stopping early.
+
+    A plain loop rather than `generate`: `min_new_tokens` there would mask EOS, which a random model often prefers.
+    """
+    out: list[int] = []
+    x, past = torch.tensor([prompt]), None
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            o = model(x, cache=past, use_cache=True)
+            past = o.cache
+            out.append(int(o.logits[0, -1].argmax()))
+            x = torch.tensor([[out[-1]]])
+    return out
+
+
+def greedy(new_tokens: int = NEW_TOKENS, **kw) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    """`get(path)` -> the fp32 transformers reference of a checkpoint (cached per session)."""
+    from puyu.convert.reference import load_reference_model
+
+    cache: dict = {}
+
+    def get(path):
+        if path not in cache:
+            cache[path] = load_reference_model(path, torch.float32)
+        return cache[path]
+
+    return get
+
+
+@pytest.fixture
+def make_pipeline() -> Iterator:
+    """`make(path, **engine_options)` -> a Pipeline (fp32, small absolute cache), closed after the test."""
+    from puyu.engine.pipeline import pipeline
+
+    made = []
+
+    def make(path, **options):
+        options.setdefault("cache_max_entry_count", 64)
+        options.setdefault("cache_block_seq_len", 16)
+        options.setdefault("dtype", "float32")
+        pipe = pipeline(path, backend_config=EngineConfig(**options))
+        made.append(pipe)
+        return pipe
+
+    yield make
+    for pipe in made:
+        pipe.close()
