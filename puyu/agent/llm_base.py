@@ -8,6 +8,7 @@ which point the underlying request is closed so the backend can free it. Subclas
 """
 from __future__ import annotations
 
+import threading
 from typing import Iterator, Optional, Union
 
 from lagent.llms import BaseModel
@@ -33,9 +34,15 @@ class StreamingModel(BaseModel):
                          top_k=top_k, temperature=temperature, repetition_penalty=repetition_penalty,
                          stop_words=stop_words or [])
         self.bos = bos
-        self.last_usage: dict = {}
-        self.last_error: Optional[str] = None
-        self.last_finish_reason: Optional[str] = None
+        self._local = threading.local()
+
+    # Per-thread results of the latest call: one model instance serves concurrent runs (`agent batch`).
+    last_usage = property(lambda self: getattr(self._local, "usage", {}),
+                          lambda self, v: setattr(self._local, "usage", v))
+    last_error = property(lambda self: getattr(self._local, "error", None),
+                          lambda self, v: setattr(self._local, "error", v))
+    last_finish_reason = property(lambda self: getattr(self._local, "finish", None),
+                                  lambda self, v: setattr(self._local, "finish", v))
 
     def render(self, messages: list[dict]) -> str:
         """The InternLM2 chat prompt for Lagent-formatted messages, ending with `<|im_start|>assistant\\n`."""
