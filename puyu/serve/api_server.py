@@ -7,8 +7,7 @@ with a 500 and leaves the server and the other requests running.
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,21 +51,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence[str] = ()) -> FastAPI:
-    """The ASGI app serving `engine` under `model_name` (default: the engine's). `api_keys`: required keys on /v1."""
+    """The ASGI app serving `engine` under `model_name` (default: the engine's). `api_keys`: required keys on /v1.
+    The caller owns the engine (and closes it)."""
     served = model_name or engine.model_name
     metrics = ServerMetrics(getattr(engine, "stats", None))
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        close = getattr(engine, "close", None) or getattr(engine, "shutdown", None)
-        if close is not None:
-            result = close()
-            if hasattr(result, "__await__"):
-                await result
-
-    app = FastAPI(title="puyu", description="OpenAI-compatible API for InternLM chat models", version="0.1.0",
-                  lifespan=lifespan)
+    app = FastAPI(title="puyu", description="OpenAI-compatible API for InternLM chat models", version="0.1.0")
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, served
     _install_error_handlers(app)
 

@@ -1,0 +1,42 @@
+"""Choosing and building the engine behind `puyu serve` / `puyu chat`: the native AsyncEngine or TurboMind."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import EngineConfig
+from ..resolve import resolve_model_path
+from .turbomind import unavailable_reason
+
+
+@dataclass
+class BackendChoice:
+    name: str  # native | turbomind
+    note: str = ""  # why an automatic choice fell back to native
+
+
+def choose_backend(requested: Optional[str]) -> BackendChoice:
+    """`--backend` as given; without one, TurboMind where it can run, else native (with the one-line reason)."""
+    if requested == "native":
+        return BackendChoice("native")
+    reason = unavailable_reason()
+    if requested == "turbomind":
+        if reason:
+            raise ValueError(f"--backend turbomind: {reason}")
+        return BackendChoice("turbomind")
+    if reason:
+        return BackendChoice("native", f"TurboMind not used: {reason}")
+    return BackendChoice("turbomind")
+
+
+def build_engine(model: Optional[str], backend: str, config: EngineConfig) -> Any:
+    """An engine following the AsyncEngine contract, for MODEL (directory, workspace, registry name or None)."""
+    path: Path = resolve_model_path(model)
+    if backend == "turbomind":
+        from .turbomind import TurboMindEngine
+
+        return TurboMindEngine(path, config)
+    from ..engine import AsyncEngine
+
+    return AsyncEngine(path, config)

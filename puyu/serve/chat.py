@@ -1,0 +1,163 @@
+"""`puyu chat`: a terminal chat on an in-process engine, with streaming replies and multi-turn history.
+
+Commands (typed alone on a line): /reset clears the history (the persona stays), /exit or /quit (or Ctrl-D) leaves,
+/help lists them. Ctrl-C while a reply streams stops that reply and keeps the chat going.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, TextIO
+
+from ..config import GenerationConfig
+
+PERSONA_DIR = Path(__file__).resolve().parents[2] / "configs" / "personas"
+HELP = "commands: /reset (clear the history), /exit or /quit (leave), /help"
+PROMPT = "user> "
+REPLY = "assistant> "
+
+
+@dataclass
+class ChatPersona:
+    name: str = ""
+    system: str = ""
+    greeting: str = ""
+
+
+def find_persona(name_or_path: str, directory: Path = PERSONA_DIR) -> ChatPersona:
+    """A persona by file path, file stem (`bajie`) or display name (`八戒`)."""
+    from ..webui.personas import read_persona
+
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        p = read_persona(path)
+        return ChatPersona(p.name, p.system, p.greeting)
+    files = sorted(directory.glob("*.y*ml")) if directory.is_dir() else []
+    for f in files:
+        p = read_persona(f)
+        if name_or_path in (f.stem, p.name):
+            return ChatPersona(p.name, p.system, p.greeting)
+    known = ", ".join(f.stem for f in files) or "none"
+    raise ValueError(f"--persona: no persona {name_or_path!r} in {directory} (known: {known})")
+
+
+@dataclass
+class Conversation:
+    """The history sent to the model each turn."""
+
+    persona: ChatPersona = field(default_factory=ChatPersona)
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = []
+        if self.persona.system:
+            self.messages.append({"role": "system", "content": self.persona.system})
+        if self.persona.greeting:
+            self.messages.append({"role": "assistant", "content": self.persona.greeting})
+
+
+class TerminalChat:
+    """Reads lines, streams replies; `read` and `out` are replaceable for embedding."""
+
+    def __init__(self, engine: Any, gen_config: GenerationConfig, persona: ChatPersona,
+                 read: Callable[[str], str] = input, out: TextIO = sys.stdout):
+        self.engine = engine
+        self.gen_config = gen_config
+        self.conv = Conversation(persona)
+        self.read = read
+        self.out = out
+        self.loop = asyncio.new_event_loop()
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def greet(self) -> None:
+        who = f" as {self.conv.persona.name}" if self.conv.persona.name else ""
+        self.write(f"puyu chat with {self.engine.model_name}{who} (session {self.engine.session_len} tokens). "
+                   f"{HELP}\n")
+        if self.conv.persona.greeting:
+            self.write(f"{REPLY}{self.conv.persona.greeting}\n")
+
+    def run(self) -> int:
+        self.greet()
+        try:
+            while True:
+                try:
+                    line = self.read(PROMPT)
+                except EOFError:
+                    self.write("\n")
+                    return 0
+                except KeyboardInterrupt:
+                    self.write("\n")
+                    return 0
+                if not self.command(line.strip()):
+                    return 0
+        finally:
+            self.loop.close()
+
+    def command(self, line: str) -> bool:
+        """Handle one input line; False means leave."""
+        if not line:
+            return True
+        if line in ("/exit", "/quit"):
+            return False
+        if line == "/reset":
+            self.conv.reset()
+            self.write("(history cleared)\n")
+            if self.conv.persona.greeting:
+                self.write(f"{REPLY}{self.conv.persona.greeting}\n")
+            return True
+        if line == "/help":
+            self.write(HELP + "\n")
+            return True
+        self.turn(line)
+        return True
+
+    def turn(self, text: str) -> None:
+        self.conv.messages.append({"role": "user", "content": text})
+        self.write(REPLY)
+        try:
+            reply = self.loop.run_until_complete(self._stream())
+        except KeyboardInterrupt:
+            self._cancel_pending()
+            self.write("\n(reply stopped)\n")
+            self.conv.messages.pop()
+            return
+        except ValueError as exc:  # the history no longer fits the session, or a bad option
+            self.write(f"\nerror: {exc}. Type /reset to start a new conversation.\n")
+            self.conv.messages.pop()
+            return
+        except RuntimeError as exc:  # the engine failed on this reply; the chat goes on
+            self.write(f"\nerror: {exc}\n")
+            self.conv.messages.pop()
+            return
+        self.write("\n")
+        self.conv.messages.append({"role": "assistant", "content": reply})
+
+    def _cancel_pending(self) -> None:
+        """After Ctrl-C: cancel the interrupted reply (its stream aborts the request) and let it finish."""
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+    async def _stream(self) -> str:
+        parts: list[str] = []
+        stream = self.engine.generate(list(self.conv.messages), self.gen_config)
+        try:
+            async for out in stream:
+                if out.text:
+                    parts.append(out.text)
+                    self.write(out.text)
+                if out.finish_reason == "error":
+                    raise RuntimeError(out.error or "the engine failed")
+        finally:
+            await stream.aclose()
+        return "".join(parts)

@@ -1,0 +1,86 @@
+"""`puyu serve` (OpenAI-compatible API server) and `puyu chat` (terminal chat)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .options import add_engine_args, engine_config_from_args
+
+DEFAULT_HOST = "127.0.0.1"  # LMDeploy listens on 0.0.0.0; pass --server-name 0.0.0.0 to listen on every interface
+DEFAULT_PORT = 23333
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="OpenAI-compatible API server",
+        description="Serve MODEL over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions, "
+                    "/health, /metrics. Listens on 127.0.0.1 unless --server-name says otherwise.")
+    add_engine_args(serve)
+    serve.add_argument("--server-name", default=DEFAULT_HOST, help=f"host to bind (default {DEFAULT_HOST})")
+    serve.add_argument("--server-port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
+                       help="accepted API keys (Authorization: Bearer KEY); none: no authentication")
+    serve.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model folder's)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=run_serve)
+
+    chat = subparsers.add_parser(
+        "chat", help="chat with a model in the terminal",
+        description="Chat with MODEL in the terminal: streaming replies, multi-turn history. "
+                    "Commands: /reset, /exit (or /quit, Ctrl-D), /help.")
+    add_engine_args(chat)
+    who = chat.add_mutually_exclusive_group()
+    who.add_argument("--system", default=None, help="system prompt")
+    who.add_argument("--persona", default=None,
+                     help="persona from configs/personas (file stem or name, e.g. bajie or 八戒) or a YAML file")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(func=run_chat)
+
+
+def _engine(args: argparse.Namespace):
+    from .backends import build_engine, choose_backend
+
+    config = engine_config_from_args(args)
+    choice = choose_backend(args.backend)
+    if choice.note:
+        print(f"puyu: {choice.note}; using the native engine", file=sys.stderr)
+    return build_engine(args.model, choice.name, config), choice.name
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ..cli import CLIError
+    from .api_server import create_app, run_server
+
+    if not 0 < args.server_port < 65536:
+        raise CLIError(f"--server-port: {args.server_port} is not a TCP port")
+    engine, backend = _engine(args)
+    app = create_app(engine, model_name=args.model_name, api_keys=args.api_keys or ())
+    print(f"puyu serve: {app.state.model_name} ({backend} backend) on http://{args.server_name}:{args.server_port}"
+          f"{' (API keys required)' if args.api_keys else ''}", file=sys.stderr, flush=True)
+    try:
+        run_server(app, args.server_name, args.server_port, args.log_level)
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from ..config import GenerationConfig
+    from .chat import ChatPersona, TerminalChat, find_persona
+
+    persona = find_persona(args.persona) if args.persona else ChatPersona(system=args.system or "")
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
+                           top_k=args.top_k, repetition_penalty=args.repetition_penalty, random_seed=args.seed)
+    engine, _ = _engine(args)
+    try:
+        return TerminalChat(engine, gen, persona).run()
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
