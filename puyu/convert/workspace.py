@@ -30,20 +30,32 @@ def read_workspace(path: Path | str,
                    dtype: torch.dtype | None = None) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """(spec, tensors at tp=1) of a workspace; `dtype` casts the float tensors (None keeps the stored dtype)."""
     root = Path(path)
+    spec, files = workspace_files(root)
+    tensors = {}
+    for name, (plan, parts) in files.items():
+        mapped = [map_tensor(weights_dir(root) / fname, shape, file_dtype) for fname, shape, file_dtype in parts]
+        t = plan.merge(name, mapped)
+        tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return spec, tensors
+
+
+FilePart = tuple[str, torch.Size, torch.dtype]
+
+
+def workspace_files(root: Path) -> tuple[ModelSpec, dict[str, tuple[TPPlan, list[FilePart]]]]:
+    """The spec, and for every tp=1 tensor the rank files that hold it with their shapes and dtypes."""
     cfg = read_workspace_config(root)
     spec = workspace_spec(root, cfg)
     plan = TPPlan(cfg.tp, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size, spec.vocab_size,
                   spec.intermediate_size, cfg.group_size)
     plan.validate()
     _check_plan(root, cfg, plan)
-    tensors = {}
+    out = {}
     for name, info in tp1_tensors(spec, cfg.group_size).items():
         file_dtype = torch.int32 if info.packed else cfg.float_dtype
         meta = torch.empty(info.shape, dtype=file_dtype, device="meta")
-        parts = [map_tensor(weights_dir(root) / fname, part.shape, file_dtype) for fname, part in plan.split(name, meta)]
-        t = plan.merge(name, parts)
-        tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    return spec, tensors
+        out[name] = (plan, [(fname, part.shape, file_dtype) for fname, part in plan.split(name, meta)])
+    return spec, out
 
 
 def map_tensor(path: Path, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

@@ -66,7 +66,7 @@ def convert_checkpoint(src: Path | str, dst: Path | str, options: ConvertOptions
     group_size = _group_size(src, spec, options)
     weight_type = "int4" if group_size else _float_type(spec, options.dtype)
     plan = TPPlan.for_spec(spec, options.tp, group_size)
-    _check_destination(dst, options.force)
+    check_destination(dst, options.force)
     files = CheckpointFiles(src)  # a missing shard fails here, before anything is written
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
@@ -76,7 +76,7 @@ def convert_checkpoint(src: Path | str, dst: Path | str, options: ConvertOptions
                               group_size=group_size, vocab_pad=plan.vocab_pad, inter_pad=plan.inter_pad,
                               kv_heads_stored=plan.kv_heads_stored, model_name=options.model_name)
         dump_config(config, tmp / WEIGHTS_DIR / "config.yaml")
-        _copy_side_files(src, tmp)
+        copy_side_files(src, tmp)
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)
@@ -112,7 +112,7 @@ def _float_type(spec: ModelSpec, dtype: str) -> str:
     return spec.torch_dtype if spec.torch_dtype in ("float16", "bfloat16") else "float16"
 
 
-def _check_destination(dst: Path, force: bool) -> None:
+def check_destination(dst: Path, force: bool) -> None:
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst}: destination exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not force:
@@ -155,7 +155,7 @@ def dump_tensor(t: torch.Tensor, path: Path) -> int:
     return raw.numel()
 
 
-def _copy_side_files(src: Path, dst_root: Path) -> None:
+def copy_side_files(src: Path, dst_root: Path) -> None:
     for f in sorted(src.iterdir()):
         if f.is_file() and f.suffix in COPY_SUFFIXES and not f.name.endswith(".index.json"):
             shutil.copy2(f, dst_root / f.name)

@@ -1,0 +1,128 @@
+"""`puyu inspect PATH`: what an HF checkpoint or a TurboMind workspace holds, without loading the weights."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .spec import CheckpointError, read_json, read_model_spec
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+@dataclass
+class Inspection:
+    path: Path
+    kind: str  # 'hf' | 'workspace'
+    summary: dict[str, Any]
+    tensors: list[TensorEntry] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def inspect_path(path: Path | str) -> Inspection:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if (path / "triton_models").exists():
+        return _inspect_workspace(path)
+    return _inspect_hf(path)
+
+
+def _inspect_hf(path: Path) -> Inspection:
+    spec = read_model_spec(path)
+    summary = {"architecture": spec.model_arch, "layers": spec.num_layers, "hidden": spec.hidden_size,
+               "heads": spec.num_heads, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+               "ffn": spec.intermediate_size, "vocab": spec.vocab_size, "dtype": spec.torch_dtype,
+               "quantization": f"{spec.quant_method} group {spec.group_size}" if spec.quant_method else "none",
+               "rope_scaling": f"{spec.rope_scaling_type} x{spec.rope_scaling_factor}" if spec.rope_scaling_type else
+               "none", "session_len": spec.session_len}
+    tensors = []
+    for f in sorted(path.glob("*.safetensors")):
+        tensors += _safetensors_entries(f)
+    if not tensors:
+        for f in sorted(path.glob("pytorch_model*.bin")):
+            tensors += _bin_entries(f)
+    return Inspection(path, "hf", summary, tensors)
+
+
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _safetensors_entries(path: Path) -> list[TensorEntry]:
+    """Read the JSON header only."""
+    with open(path, "rb") as f:
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    out = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        out.append(TensorEntry(name, tuple(meta["shape"]), meta["dtype"], end - start))
+    return out
+
+
+def _bin_entries(path: Path) -> list[TensorEntry]:
+    import torch
+
+    sd = torch.load(str(path), map_location="meta", weights_only=True)
+    return [TensorEntry(k, tuple(v.shape), str(v.dtype).removeprefix("torch."), v.numel() * v.element_size())
+            for k, v in sd.items()]
+
+
+def _inspect_workspace(path: Path) -> Inspection:
+    from .workspace import read_workspace_config, weights_dir, workspace_files
+
+    cfg = read_workspace_config(path)
+    summary = {"architecture": cfg.model_arch, "tp": cfg.tp, "weight_type": cfg.weight_type,
+               "model_format": cfg.model_format, "group_size": cfg.group_size, "layers": cfg.num_layer,
+               "hidden": cfg.hidden_units, "heads": cfg.head_num, "kv_heads (stored)": cfg.kv_head_num,
+               "head_dim": cfg.size_per_head, "ffn (padded)": cfg.inter_size, "vocab": cfg.vocab_size,
+               "rope_scaling": f"{cfg.rope_scaling_type} x{cfg.rope_scaling_factor}" if cfg.rope_scaling_type else
+               "none", "session_len": cfg.session_len}
+    _, files = workspace_files(path)
+    known = {fname: (tuple(shape), str(dtype).removeprefix("torch."))
+             for _, parts in files.values() for fname, shape, dtype in parts}
+    tensors = []
+    for f in sorted(weights_dir(path).iterdir()):  # every file, also those the reader skips (zero wo biases)
+        if f.is_file() and f.name != "config.yaml":
+            shape, dtype = known.get(f.name, ((), str(cfg.float_dtype).removeprefix("torch.")))
+            tensors.append(TensorEntry(f.name, shape, dtype, f.stat().st_size))
+    return Inspection(path, "workspace", summary, tensors)
+
+
+def format_inspection(ins: Inspection, show_tensors: bool = True) -> str:
+    lines = [f"{ins.path}: {'TurboMind workspace' if ins.kind == 'workspace' else 'HF checkpoint'}"]
+    lines += [f"  {k}: {v}" for k, v in ins.summary.items()]
+    lines.append(f"  tensors: {len(ins.tensors)}, {_human(ins.total_bytes)} ({ins.total_bytes} bytes)")
+    if show_tensors:
+        for t in sorted(ins.tensors, key=lambda t: _natural(t.name)):
+            shape = "x".join(map(str, t.shape)) if t.shape else "-"
+            lines.append(f"    {t.name:<48} {shape:>16} {t.dtype:>9} {t.nbytes:>12}")
+    return "\n".join(lines)
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
