@@ -1,0 +1,1 @@
+"""The Gradio web UI: chat with personas and agent data analysis (`puyu webui`)."""

@@ -1,0 +1,58 @@
+"""The Gradio app: a chat tab and a data-analysis tab, each holding its own per-session state."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a server that may be offline
+
+import gradio as gr  # noqa: E402
+
+from .backends import ChatBackend  # noqa: E402
+from .chat_tab import build_chat_tab  # noqa: E402
+from .personas import Persona, load_personas  # noqa: E402
+from .settings import ChatSettings  # noqa: E402
+
+TITLE = "puyu · 浦语"
+
+
+@dataclass
+class AppConfig:
+    personas: list[Persona] = field(default_factory=load_personas)
+    chat_defaults: ChatSettings = field(default_factory=ChatSettings)
+    analysis: Optional[object] = None  # an `AnalysisService` (analysis_tab.py); None: the tab explains why not
+
+    def __post_init__(self) -> None:
+        if not self.personas:
+            raise ValueError("personas: at least one persona is needed")
+
+
+def build_app(backend: ChatBackend, config: Optional[AppConfig] = None) -> gr.Blocks:
+    config = config or AppConfig()
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+        gr.Markdown(f"## {TITLE}")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                build_chat_tab(backend, config.personas, config.chat_defaults)
+            with gr.Tab("Data analysis", id="analysis", elem_id="tab-analysis"):
+                _analysis_tab(config.analysis)
+    app.queue(default_concurrency_limit=16)
+    return app
+
+
+def _analysis_tab(service: Optional[object]) -> None:
+    if service is None:
+        gr.Markdown("The data-analysis agent is not available here: install the agent extra "
+                    "(`pip install 'puyu[agent]'`).", elem_id="analysis-unavailable")
+        return
+    from .analysis_tab import build_analysis_tab
+
+    build_analysis_tab(service)
+
+
+def launch(app: gr.Blocks, server_name: str = "127.0.0.1", server_port: int = 6006) -> str:
+    """Start the server in a background thread and return its URL (`app.block_thread()` waits, `app.close()` stops)."""
+    _, url, _ = app.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True,
+                           quiet=True, share=False, footer_links=[], show_error=True)
+    return url

@@ -1,0 +1,120 @@
+"""Where the chat tab's replies come from: the in-process engine, or any OpenAI-compatible server.
+
+Both backends take OpenAI-style chat messages plus `ChatSettings` and yield `ChatChunk`s (a text delta; the last
+chunk carries the finish reason and token counts). Any failure is raised as `BackendError` with a message meant for
+the page.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional, Protocol
+
+from ..config import EngineConfig
+from .settings import ChatSettings
+
+
+class BackendError(RuntimeError):
+    """The backend failed a request; the message is shown in the page."""
+
+
+@dataclass
+class ChatChunk:
+    text: str
+    finish_reason: Optional[str] = None
+    prompt_tokens: Optional[int] = None
+    completion_tokens: Optional[int] = None
+
+
+class ChatBackend(Protocol):
+    description: str
+
+    def stream(self, messages: list[dict[str, str]], settings: ChatSettings) -> AsyncIterator[ChatChunk]: ...
+
+    def close(self) -> None: ...
+
+
+class EngineBackend:
+    """The engine in this process (`puyu.engine.AsyncEngine`), driven from its own event loop thread."""
+
+    def __init__(self, model_path: str | Path | None, config: EngineConfig):
+        from ..engine import AsyncEngine
+
+        self.engine = AsyncEngine(model_path, config)
+        self.description = f"in-process engine · {self.engine.model_name}"
+
+    async def stream(self, messages: list[dict[str, str]], settings: ChatSettings) -> AsyncIterator[ChatChunk]:
+        try:
+            # The engine runs in its own thread and streams into whichever loop iterates; leaving early aborts.
+            async for out in self.engine.generate(messages, settings.to_generation_config()):
+                if out.finish_reason == "error":
+                    raise BackendError(f"engine error: {out.error or 'unknown error'}")
+                yield ChatChunk(out.text, out.finish_reason, out.input_token_len,
+                                out.generate_token_len if out.finish_reason else None)
+        except ValueError as exc:  # PromptTooLongError and invalid generation settings
+            raise BackendError(str(exc)) from None
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible server (`puyu serve`, LMDeploy's api_server, ...) through the `openai` SDK."""
+
+    def __init__(self, base_url: str, api_key: Optional[str] = None, model: Optional[str] = None,
+                 timeout: float = 600.0):
+        import openai
+
+        base_url = base_url.rstrip("/")
+        if not base_url.endswith("/v1"):
+            base_url += "/v1"
+        self.base_url = base_url
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout,
+                                          max_retries=0)
+        self.model = model
+        self.description = f"OpenAI-compatible server · {base_url}"
+
+    async def _model(self) -> str:
+        if self.model is None:
+            page = await self._client.models.list()
+            if not page.data:
+                raise BackendError(f"{self.base_url}/models lists no model")
+            self.model = page.data[0].id
+        return self.model
+
+    async def stream(self, messages: list[dict[str, str]], settings: ChatSettings) -> AsyncIterator[ChatChunk]:
+        import openai
+
+        try:
+            stream = await self._client.chat.completions.create(
+                model=await self._model(), messages=messages, stream=True,
+                stream_options={"include_usage": True}, **settings.to_openai_kwargs())
+            finish: Optional[str] = None
+            async for event in stream:
+                if event.choices:
+                    choice = event.choices[0]
+                    finish = choice.finish_reason or finish
+                    if choice.delta.content:
+                        yield ChatChunk(choice.delta.content)
+                if event.usage is not None:
+                    yield ChatChunk("", finish or "stop", event.usage.prompt_tokens, event.usage.completion_tokens)
+                    return
+            yield ChatChunk("", finish or "stop")
+        except openai.APIStatusError as exc:
+            raise BackendError(f"server answered {exc.status_code}: {_error_message(exc)}") from None
+        except openai.APIConnectionError as exc:
+            raise BackendError(f"cannot reach {self.base_url}: {exc}") from None
+
+    def close(self) -> None:
+        pass
+
+
+def _error_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if body.get("message"):
+            return str(body["message"])
+    return str(exc)
