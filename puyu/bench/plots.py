@@ -36,7 +36,8 @@ def plot_latency_cdfs(runs: dict[str, Sequence[RequestRecord]], path: Path, titl
         ax.set_xlabel(name)
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     fig.suptitle(title or "Latency CDFs")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

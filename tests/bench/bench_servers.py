@@ -71,3 +71,16 @@ def run_puyu(args: list[str], timeout: float = 300.0, cwd: Optional[Path] = None
     """`python -m puyu.cli ARGS` as a real subprocess."""
     return subprocess.run([sys.executable, "-m", "puyu.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=offline_env(), cwd=cwd)
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """`puyu ARGS` in this process (saves an interpreter start per call): (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from puyu.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from bench_servers import VENV_BIN, Server, free_port, run_puyu
+from bench_servers import VENV_BIN, Server, free_port, run_cli, run_puyu
 
 # transformers serve rejects `ignore_eos` (422); its own `generation_config` field asks for the length instead.
 TF_EXTRA = json.dumps({"generation_config": json.dumps({"min_new_tokens": 8, "do_sample": False})})
@@ -72,19 +72,19 @@ def test_chat_run_writes_summary_requests_and_plot(tf_server, tmp_path):
 
 def test_completions_sweep_writes_sweep_files(tf_server, tmp_path):
     server, model = tf_server
-    proc = run_puyu(bench_args(server.base_url, model, tmp_path, "tf-cmpl", "--endpoint", "completions",
-                               "--sweep", "concurrency=1,3"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + server.log_tail()
+    code, out, err = run_cli(bench_args(server.base_url, model, tmp_path, "tf-cmpl", "--endpoint", "completions",
+                                        "--sweep", "concurrency=1,3"))
+    assert code == 0, out[-2000:] + err[-2000:] + server.log_tail()
     sweep = json.loads((tmp_path / "tf-cmpl.sweep.json").read_text())
     assert [p["max_concurrency"] for p in sweep["points"]] == [1, 3]
     assert all(p["completed"] == 6 for p in sweep["points"])
     assert sweep["points"][0]["max_concurrent_requests"] == 1
     for name in ("tf-cmpl-c1.json", "tf-cmpl-c3.json", "tf-cmpl-c3.requests.jsonl", "tf-cmpl.sweep.png"):
         assert (tmp_path / name).exists(), name
-    compare = run_puyu(["bench", "compare", str(tmp_path / "tf-cmpl-c1.json"), str(tmp_path / "tf-cmpl-c3.json"),
-                        "--plot", str(tmp_path / "cmp.png")])
-    assert compare.returncode == 0, compare.stderr
-    assert "tf-cmpl-c3 / tf-cmpl-c1" in compare.stdout and "output tok/s" in compare.stdout
+    code, out, err = run_cli(["bench", "compare", str(tmp_path / "tf-cmpl-c1.json"), str(tmp_path / "tf-cmpl-c3.json"),
+                              "--plot", str(tmp_path / "cmp.png")])
+    assert code == 0, err
+    assert "tf-cmpl-c3 / tf-cmpl-c1" in out and "output tok/s" in out
     assert (tmp_path / "cmp.png").exists()
 
 
@@ -92,8 +92,8 @@ def test_server_rejections_are_failed_requests_with_their_error(tf_server, tmp_p
     server, model = tf_server
     args = bench_args(server.base_url, model, tmp_path, "tf-422", "--num-warmups", "0")
     args.remove("--no-ignore-eos")  # transformers serve answers 422 to the unknown `ignore_eos` field
-    proc = run_puyu(args)
-    assert proc.returncode == 1
+    code, _, _ = run_cli(args)
+    assert code == 1
     summary = json.loads((tmp_path / "tf-422.json").read_text())
     assert summary["completed"] == 0 and summary["failed"] == 6
     assert summary["errors"][0]["count"] == 6 and "HTTP 422" in summary["errors"][0]["error"]
@@ -104,9 +104,9 @@ def test_server_rejections_are_failed_requests_with_their_error(tf_server, tmp_p
 
 def test_dead_server_is_reported_not_dropped(tf_server, tmp_path):
     _, model = tf_server
-    proc = run_puyu(bench_args(f"http://127.0.0.1:{free_port()}", model, tmp_path, "dead", "--num-warmups", "0",
-                               "--no-plots"))
-    assert proc.returncode == 1
+    code, _, _ = run_cli(bench_args(f"http://127.0.0.1:{free_port()}", model, tmp_path, "dead", "--num-warmups", "0",
+                                    "--no-plots"))
+    assert code == 1
     summary = json.loads((tmp_path / "dead.json").read_text())
     assert summary["failed"] == 6 and "ConnectError" in summary["errors"][0]["error"]
     assert not (tmp_path / "dead.cdf.png").exists()
