@@ -40,8 +40,12 @@ class _Request:
 def resolve_checkpoint(model_path: Union[str, Path, None]) -> Path:
     from ..resolve import resolve_model_path
 
+    text = None if model_path is None else str(model_path)
+    looks_local = isinstance(model_path, Path) or (text or "").startswith(("/", "./", "../", "~"))
+    if looks_local and not Path(text).expanduser().is_dir():
+        raise CheckpointError(f"{text}: no such model directory")
     try:
-        path = resolve_model_path(None if model_path is None else str(model_path))
+        path = resolve_model_path(text)
     except FileNotFoundError as exc:
         raise CheckpointError(str(exc)) from None
     if not Path(path).is_dir():
