@@ -9,8 +9,9 @@ import shutil
 import pytest
 from bench_servers import VENV_BIN, Server, free_port, run_cli, run_puyu
 
-# transformers serve rejects `ignore_eos` (422); its own `generation_config` field asks for the length instead.
-TF_EXTRA = json.dumps({"generation_config": json.dumps({"min_new_tokens": 8, "do_sample": False})})
+# transformers serve rejects `ignore_eos` (422); its own `generation_config` field with eos_token_id -1 (no EOS)
+# forces the length instead.
+TF_EXTRA = json.dumps({"generation_config": json.dumps({"do_sample": False, "eos_token_id": -1})})
 VLLM_KEYS = ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
              "output_throughput", "total_token_throughput", "max_output_tokens_per_s", "max_concurrent_requests",
              "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
@@ -58,7 +59,7 @@ def test_chat_run_writes_summary_requests_and_plot(tf_server, tmp_path):
     assert 1 <= summary["max_concurrent_requests"] <= 2
     assert summary["request_goodput"] == pytest.approx(summary["request_throughput"])
     assert summary["input_lens"] == [24] * 6  # token-exact prompts
-    assert summary["total_output_tokens"] == sum(summary["output_lens"]) > 0
+    assert summary["output_lens"] == [8] * 6 and summary["total_output_tokens"] == 48
     env = summary["environment"]
     assert env["versions"]["transformers"] and env["cpu_count"] and "bench serve" in env["command"]
     assert "git_commit" in env and summary["config"]["client"]["extra_body"]
