@@ -1,0 +1,30 @@
+"""Run LMDeploy 0.7.3's own `lmdeploy convert` on a CPU-only machine, to cross-check puyu's writer.
+
+LMDeploy's converter is pure Python, but its package imports the CUDA engine (`_turbomind`) and moves every tensor
+to the GPU. Here the extension is replaced by an empty module and `.cuda()` is the identity; nothing else changes.
+Usage: python lmdeploy_cpu_convert.py SRC DST TP MODEL_FORMAT
+"""
+import sys
+import types
+
+
+class _NoEngine(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (), {})
+
+
+sys.modules["_turbomind"] = _NoEngine("_turbomind")
+sys.modules.setdefault("fire", types.ModuleType("fire"))  # only used by its __main__
+
+import torch  # noqa: E402
+
+torch.Tensor.cuda = lambda self, *args, **kwargs: self
+torch.cuda.empty_cache = lambda: None
+
+from lmdeploy.turbomind.deploy.converter import main  # noqa: E402
+
+if __name__ == "__main__":
+    src, dst, tp, fmt = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    main("tiny", src, model_format=fmt, dst_path=dst, tp=tp, chat_template="internlm2")
