@@ -54,6 +54,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
+            if n == 0:  # nothing new (cannot happen inside the engine: a completed chunk always adds a token)
+                i += 1
+                continue
             if not self._make_room(seq, seq.num_computed + n):
                 break  # seq itself was preempted (it was the last one)
             out.append(ScheduledSeq(seq, seq.num_computed, n))
