@@ -90,7 +90,10 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dic
         tokens.append(text)
         token_lps.append(float(lp.get(tid, 0.0)) if lp else 0.0)
         alts = sorted(((int(k), float(v)) for k, v in (lp or {}).items()), key=lambda kv: -kv[1])[:top]
-        tops.append({token_str(tokenizer, k): v for k, v in alts} if top else None)
+        best: dict[str, float] = {}
+        for k, v in alts:  # tokens that decode to the same string (partial UTF-8) keep the higher logprob
+            best.setdefault(token_str(tokenizer, k), v)
+        tops.append(best if top else None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
