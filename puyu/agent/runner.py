@@ -88,7 +88,7 @@ def run_analysis(llm: BaseModel, question: str, files: list[str | Path], run_dir
     config = config or RunConfig()
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question: must be a non-empty string")
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     work, figures = run_dir / "work", run_dir / "figures"
     work.mkdir(exist_ok=True)
@@ -102,7 +102,7 @@ def run_analysis(llm: BaseModel, question: str, files: list[str | Path], run_dir
 
         def on_cell(code: str, result: CellResult) -> None:
             cell = result.to_dict()
-            cell["figures"] = [str(Path(f).relative_to(run_dir.resolve())) for f in result.figures]
+            cell["figures"] = [str(Path(f).relative_to(run_dir)) for f in result.figures]
             transcript({"event": "cell", "code": code, **cell})
 
         interpreter = ActionExecutor([SandboxInterpreter(sandbox, on_cell=on_cell)])
