@@ -199,26 +199,40 @@ def run_hf_static(spec: RunSpec, prompts: list[list[int]]) -> dict[str, Any]:
     return {"elapsed": elapsed, "ttft": [first - t0] * len(prompts), "outputs": new.tolist(), "rss_load": rss_load}
 
 
-def run_hf_cb(spec: RunSpec, prompts: list[list[int]]) -> dict[str, Any]:
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+def _generate_batch(model, prompts: list[list[int]], max_new: int, pages: int, page_size: int, timestamps: bool):
+    """`model.generate_batch` with a cache sized for the workload; arguments an older transformers lacks are left out."""
+    import inspect
 
+    kwargs: dict[str, Any] = {"generation_config": _hf_generation_config(max_new)}
+    params = inspect.signature(model.generate_batch).parameters
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        if "continuous_batching_config" in params:
+            kwargs["continuous_batching_config"] = ContinuousBatchingConfig(page_size=page_size, num_blocks=pages,
+                                                                            max_batch_tokens=2048)
+    except ImportError:
+        pass
+    if timestamps and "record_timestamps" in params:
+        kwargs["record_timestamps"] = True
+    return model.generate_batch(prompts, **kwargs)
+
+
+def run_hf_cb(spec: RunSpec, prompts: list[list[int]]) -> dict[str, Any]:
     model = _load_hf(spec)
     w = spec.workload
-    blocks_per_req = math.ceil((w.input_len + w.output_len) / spec.block_size)
-    cb_cfg = lambda n: ContinuousBatchingConfig(page_size=spec.block_size, num_blocks=n * blocks_per_req + 1,  # noqa: E731
-                                                max_batch_tokens=2048)
-    model.generate_batch(prompts[:2], generation_config=_hf_generation_config(4), continuous_batching_config=cb_cfg(2))
+    per_req = math.ceil((w.input_len + w.output_len) / spec.block_size)
+    _generate_batch(model, prompts[:2], 4, 2 * per_req + 1, spec.block_size, False)  # warm-up
     rss_load = _rss_mib()
     t0 = time.perf_counter()
-    res = model.generate_batch(prompts, generation_config=_hf_generation_config(w.output_len),
-                               continuous_batching_config=cb_cfg(len(prompts)), record_timestamps=True)
+    res = _generate_batch(model, prompts, w.output_len, len(prompts) * per_req + 1, spec.block_size, True)
     _sync(spec.device)
     elapsed = time.perf_counter() - t0
     ordered = list(res.values())
     errors = [r.error for r in ordered if r.error]
     if errors or len(ordered) != len(prompts):
         raise RuntimeError(f"generate_batch failed: {len(ordered)}/{len(prompts)} results, errors {errors[:2]}")
-    ttft = [r.timestamps[0] - t0 for r in ordered if r.timestamps]
+    ttft = [r.timestamps[0] - t0 for r in ordered if getattr(r, "timestamps", None)]
     return {"elapsed": elapsed, "ttft": ttft, "outputs": [list(r.generated_tokens) for r in ordered],
             "rss_load": rss_load}
 
@@ -455,7 +469,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     n_params = count_params(model_dir)
     print(f"model {model_dir.name}: {n_params / 1e6:.1f}M parameters; device {args.device}, dtype {args.dtype}, "
           f"{args.threads} threads", flush=True)
-    rows = []
+    rows, load_before = [], os.getloadavg()
     for spec in plan(args, model_dir):
         t = time.perf_counter()
         row = run_in_subprocess(spec, args.timeout)
@@ -476,6 +490,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
               "workload": {"input_len": args.input_len, "output_len": args.output_len, "ignore_eos": True,
                            "greedy": True, "arrival": "all at t=0"},
+              "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
               "token_agreement_with_hf_seq": agreement(rows), "runs": rows}
     out = args.out or RESULTS / f"engine_{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

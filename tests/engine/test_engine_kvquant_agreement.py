@@ -45,14 +45,20 @@ def _engine(path, qp: int) -> LLMEngine:
                                         enable_prefix_caching=False))
 
 
+def _sequences(prompts: list[list[int]]) -> list[Sequence]:
+    """Engine sequences over disjoint blocks (the block manager is bypassed: these runs own the whole cache)."""
+    seqs = []
+    for i, p in enumerate(prompts):
+        s = Sequence(f"kvq-{i}", list(p), GenerationConfig(), max_len=PROMPT_LEN + NEW_TOKENS)
+        s.block_table = list(range(i * BLOCKS_PER_SEQ, (i + 1) * BLOCKS_PER_SEQ))
+        seqs.append(s)
+    return seqs
+
+
 def teacher_forced_logits(engine: LLMEngine, sequences: list[list[int]], prompt_len: int) -> torch.Tensor:
     """Logits `[N, T, V]` predicting tokens prompt_len.. of each sequence: one batched prefill of the prompts, then
     one batched decode step per token, each step feeding the given (not the sampled) next token."""
-    seqs = []
-    for i, toks in enumerate(sequences):
-        s = Sequence(f"tf-{i}", toks[:prompt_len], GenerationConfig(), max_len=len(toks))
-        s.block_table = list(range(i * BLOCKS_PER_SEQ, (i + 1) * BLOCKS_PER_SEQ))
-        seqs.append(s)
+    seqs = _sequences([toks[:prompt_len] for toks in sequences])
     steps = [engine.runner.run([ScheduledSeq(s, 0, prompt_len) for s in seqs])]
     for t in range(prompt_len, len(sequences[0]) - 1):
         for s, toks in zip(seqs, sequences):
@@ -75,11 +81,7 @@ def forced(checkpoint, prompts) -> dict[int, torch.Tensor]:
 
 def teacher_greedy(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
     """quant_policy 0's greedy continuation, via the same runner (argmax of each step's logits)."""
-    seqs = []
-    for i, p in enumerate(prompts):
-        s = Sequence(f"g-{i}", list(p), GenerationConfig(), max_len=PROMPT_LEN + NEW_TOKENS)
-        s.block_table = list(range(i * BLOCKS_PER_SEQ, (i + 1) * BLOCKS_PER_SEQ))
-        seqs.append(s)
+    seqs = _sequences(prompts)
     logits = engine.runner.run([ScheduledSeq(s, 0, PROMPT_LEN) for s in seqs])
     for _ in range(NEW_TOKENS - 1):
         for s, row in zip(seqs, logits):
