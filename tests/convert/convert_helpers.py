@@ -49,7 +49,9 @@ def lmdeploy_available() -> bool:
     return True
 
 
-def lmdeploy_convert(src: Path, dst: Path, tp: int, model_format: str = "hf") -> None:
-    r = subprocess.run([sys.executable, str(HERE / "lmdeploy_cpu_convert.py"), str(src), str(dst), str(tp),
-                        model_format], capture_output=True, text=True, timeout=300)
+def lmdeploy_convert(jobs: list[tuple[Path, Path, int, str]]) -> None:
+    """Run LMDeploy's converter for each (src, dst, tp, model_format), in one subprocess."""
+    argv = [str(x) for job in jobs for x in job]
+    r = subprocess.run([sys.executable, str(HERE / "lmdeploy_cpu_convert.py"), *argv], capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

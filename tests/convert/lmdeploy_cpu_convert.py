@@ -2,7 +2,7 @@
 
 LMDeploy's converter is pure Python, but its package imports the CUDA engine (`_turbomind`) and moves every tensor
 to the GPU. Here the extension is replaced by an empty module and `.cuda()` is the identity; nothing else changes.
-Usage: python lmdeploy_cpu_convert.py SRC DST TP MODEL_FORMAT
+Usage: python lmdeploy_cpu_convert.py SRC DST TP MODEL_FORMAT [SRC DST TP MODEL_FORMAT ...] (one import for all)
 """
 import sys
 import types
@@ -26,5 +26,7 @@ torch.cuda.empty_cache = lambda: None
 from lmdeploy.turbomind.deploy.converter import main  # noqa: E402
 
 if __name__ == "__main__":
-    src, dst, tp, fmt = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    main("tiny", src, model_format=fmt, dst_path=dst, tp=tp, chat_template="internlm2")
+    args = sys.argv[1:]
+    for i in range(0, len(args), 4):
+        src, dst, tp, fmt = args[i], args[i + 1], int(args[i + 2]), args[i + 3]
+        main("tiny", src, model_format=fmt, dst_path=dst, tp=tp, chat_template="internlm2")
