@@ -51,8 +51,12 @@ def _analysis_tab(service: Optional[object]) -> None:
     build_analysis_tab(service)
 
 
-def launch(app: gr.Blocks, server_name: str = "127.0.0.1", server_port: int = 6006) -> str:
-    """Start the server in a background thread and return its URL (`app.block_thread()` waits, `app.close()` stops)."""
+def launch(app: gr.Blocks, server_name: str = "127.0.0.1", server_port: int = 6006,
+           config: Optional[AppConfig] = None) -> str:
+    """Start the server in a background thread and return its URL (`app.block_thread()` waits, `app.close()` stops).
+    The agent's run folders are the only files outside Gradio's cache that the page may fetch (figures, zips)."""
+    runs_root = getattr(config.analysis, "runs_root", None) if config else None
     _, url, _ = app.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True,
-                           quiet=True, share=False, footer_links=[], show_error=True)
+                           quiet=True, share=False, footer_links=[], show_error=True,
+                           allowed_paths=[str(runs_root)] if runs_root else None)
     return url

@@ -7,10 +7,8 @@ the page.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, AsyncIterator, Optional, Protocol
 
-from ..config import EngineConfig
 from .settings import ChatSettings
 
 
@@ -37,11 +35,10 @@ class ChatBackend(Protocol):
 class EngineBackend:
     """The engine in this process (`puyu.engine.AsyncEngine`), driven from its own event loop thread."""
 
-    def __init__(self, model_path: str | Path | None, config: EngineConfig):
-        from ..engine import AsyncEngine
-
-        self.engine = AsyncEngine(model_path, config)
-        self.description = f"in-process engine · {self.engine.model_name}"
+    def __init__(self, engine: Any):
+        """`engine` follows the AsyncEngine contract (puyu.serve.backends.build_engine makes one)."""
+        self.engine = engine
+        self.description = f"in-process engine · {engine.model_name}"
 
     async def stream(self, messages: list[dict[str, str]], settings: ChatSettings) -> AsyncIterator[ChatChunk]:
         try:
@@ -72,6 +69,7 @@ class OpenAIBackend:
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout,
                                           max_retries=0)
         self.model = model
+        self.api_key = api_key
         self.description = f"OpenAI-compatible server · {base_url}"
 
     async def _model(self) -> str:

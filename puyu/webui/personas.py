@@ -1,7 +1,8 @@
 """Personas for the chat tab: a name, a system prompt and a greeting, read from `configs/personas/*.yaml`.
 
 Each file holds one persona: `name`, `system` (the system prompt) and `greeting` (the first assistant message shown).
-A plain assistant with no system prompt is always offered first, so the picker is never empty.
+`default.yaml` comes first (the persona a new session starts with), then the others by file name, then a plain
+assistant with no system prompt, which is always offered.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class Persona:
     greeting: str = ""
 
 
-PLAIN = Persona(name="Assistant")
+PLAIN = Persona(name="Assistant (no system prompt)")
 
 
 def _field(data: dict, path: Path, key: str, required: bool) -> str:
@@ -47,15 +48,17 @@ def read_persona(path: Path) -> Persona:
 
 
 def load_personas(directory: Optional[Path] = None) -> list[Persona]:
-    """The plain assistant, then every persona file of `directory` sorted by file name; names must be unique."""
+    """The personas of `directory` (default first), then the plain assistant; names must be unique."""
     directory = Path(directory) if directory is not None else DEFAULT_PERSONA_DIR
-    personas = [PLAIN]
-    if directory.is_dir():
-        for path in sorted(directory.glob("*.y*ml")):
-            persona = read_persona(path)
-            if any(p.name == persona.name for p in personas):
-                raise ValueError(f"{path}: persona name {persona.name!r} is used twice")
-            personas.append(persona)
-    elif directory != DEFAULT_PERSONA_DIR:
-        raise FileNotFoundError(f"{directory}: persona directory not found")
-    return personas
+    if not directory.is_dir():
+        if directory != DEFAULT_PERSONA_DIR:
+            raise FileNotFoundError(f"{directory}: persona directory not found")
+        return [PLAIN]
+    paths = sorted(directory.glob("*.y*ml"), key=lambda p: (p.stem != "default", p.name))
+    personas: list[Persona] = []
+    for path in paths:
+        persona = read_persona(path)
+        if any(p.name == persona.name for p in personas + [PLAIN]):
+            raise ValueError(f"{path}: persona name {persona.name!r} is used twice")
+        personas.append(persona)
+    return personas + [PLAIN]

@@ -87,7 +87,7 @@ def running_app(backend, config=None) -> Iterator[str]:
     from puyu.webui.app import build_app, launch
 
     app = build_app(backend, config)
-    url = launch(app, "127.0.0.1", free_port())
+    url = launch(app, "127.0.0.1", free_port(), config)
     try:
         yield url
     finally:

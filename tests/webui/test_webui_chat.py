@@ -10,6 +10,7 @@ from playwright.sync_api import expect
 
 from conftest import DOCS, Recording, running_app
 from puyu.config import EngineConfig
+from puyu.engine import AsyncEngine
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import EngineBackend
 from puyu.webui.personas import PLAIN, Persona
@@ -26,7 +27,7 @@ def letters(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def engine_backend(internlm2_checkpoint):
-    backend = EngineBackend(internlm2_checkpoint, EngineConfig(session_len=512, cache_max_entry_count=64))
+    backend = EngineBackend(AsyncEngine(internlm2_checkpoint, EngineConfig(session_len=512, cache_max_entry_count=64)))
     yield backend
     backend.close()
 

@@ -1,0 +1,128 @@
+"""Data-analysis runs for the web UI: one `puyu.agent` run per question, in a folder of the browser session's own.
+
+The agent runs in a worker thread (Lagent is synchronous) and writes its transcript as JSONL; the page follows that
+file, so every step (thought, code cell, output, error, figure, answer) shows as soon as the runner records it.
+Every run gets a fresh sandboxed interpreter, and each browser session its own folder, so two sessions never share
+files or interpreter state.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional
+
+from ..agent.runner import RunConfig, run_analysis
+from .backends import ChatBackend, EngineBackend, OpenAIBackend
+
+ModelFactory = Callable[[], Any]  # a Lagent BaseModel per run (may return one shared, thread-safe model)
+
+
+def default_runs_root() -> Path:
+    return Path(tempfile.gettempdir()) / "puyu-webui-runs"
+
+
+@dataclass
+class AnalysisSession:
+    """One browser session's runs. Created on the session's first run (a gr.State default would be shared)."""
+
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    runs: int = 0
+
+
+@dataclass
+class AnalysisService:
+    make_model: ModelFactory
+    runs_root: Path = field(default_factory=default_runs_root)
+    run_config: RunConfig = field(default_factory=RunConfig)
+    gen_params: dict = field(default_factory=dict)
+    description: str = "agent"
+
+    def __post_init__(self) -> None:
+        self.runs_root = Path(self.runs_root)
+        self.runs_root.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_backend(cls, backend: ChatBackend, runs_root: Optional[Path] = None) -> "AnalysisService":
+        """The agent on the chat's model: the same in-process engine, or the same server."""
+        if isinstance(backend, EngineBackend):
+            from ..agent.models import EngineModel
+
+            factory = _shared(lambda: EngineModel(engine=backend.engine))
+        elif isinstance(backend, OpenAIBackend):
+            from ..agent.models import OpenAIServerModel
+
+            factory = _shared(lambda: OpenAIServerModel(backend.base_url, model_name=backend.model,
+                                                        api_key=backend.api_key))
+        else:
+            raise ValueError(f"no agent model for a {type(backend).__name__}")
+        return cls(factory, runs_root or default_runs_root(), description=backend.description)
+
+    def new_run_dir(self, session: AnalysisSession) -> Path:
+        session.runs += 1
+        return self.runs_root / session.id / f"run-{session.runs:03d}"
+
+
+def _shared(build: Callable[[], Any]) -> ModelFactory:
+    """One model built on first use (building a server model calls the server, so not at startup)."""
+    lock, box = threading.Lock(), []
+
+    def get() -> Any:
+        with lock:
+            if not box:
+                box.append(build())
+            return box[0]
+
+    return get
+
+
+def zip_run(run_dir: Path) -> Path:
+    """`run-NNN.zip` next to the folder, holding `run-NNN/` (transcript, report, figures, work files)."""
+    return Path(shutil.make_archive(str(run_dir), "zip", root_dir=run_dir.parent, base_dir=run_dir.name))
+
+
+def _read_new_lines(path: Path, offset: int) -> tuple[list[dict], int]:
+    """Complete JSONL lines after byte `offset` (a line still being written waits for the next poll)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    return events, offset + end
+
+
+async def follow_run(service: AnalysisService, question: str, files: list[str],
+                     run_dir: Path, poll_s: float = 0.1) -> AsyncIterator[dict]:
+    """Start the run in a thread and yield its transcript events as they are written. A failure before or outside
+    the agent loop (a bad file, a model that cannot be built) arrives as a final `{"event": "ui_error"}`."""
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = run_analysis(service.make_model(), question, files, run_dir, service.run_config,
+                                             **service.gen_params)
+        except Exception as exc:  # shown in the page
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=work, name=f"puyu-webui-{run_dir.name}", daemon=True)
+    thread.start()
+    transcript, offset = run_dir / "transcript.jsonl", 0
+    while True:
+        alive = thread.is_alive()
+        events, offset = _read_new_lines(transcript, offset)
+        for event in events:
+            yield event
+        if not alive:
+            break
+        if not events:
+            await asyncio.sleep(poll_s)
+    if "error" in outcome:
+        yield {"event": "ui_error", "message": outcome["error"]}
