@@ -98,3 +98,20 @@ def metric(text: str, name: str) -> Optional[float]:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return None
+
+
+CALL_REPLY = 'Sure.<|action_start|><|plugin|>{"name": "get_weather"}<|action_end|><|im_end|>'
+BAD_REPLY = "BAD<|action_end|><|im_end|>"  # after a forced '{"name": ..., "parameters": ' prefix: broken JSON
+
+
+def scripted_checkpoint(source: Path, out: Path) -> Path:
+    """A copy of the tiny InternLM2 checkpoint `source` that answers every chat turn with CALL_REPLY, and a forced
+    named tool call (prompt ending in '"parameters": ') with BAD_REPLY."""
+    import shutil
+
+    from puyu.tokenizer import Tokenizer
+
+    shutil.copytree(source, out)
+    tok = Tokenizer(out)
+    script_checkpoint(out, [chain_ids(tok, "assistant\n", CALL_REPLY), chain_ids(tok, '"parameters": ', BAD_REPLY)])
+    return out
