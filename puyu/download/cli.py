@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 from .hub import SOURCES, DownloadRequest, download
-from .registry import ModelEntry, load_registry
-from .remote import looks_like_repo_id
+from .registry import ModelEntry, load_registry, lookup
+from .remote import request_for
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,22 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.set_defaults(func=run_models)
 
 
-def _request(args: argparse.Namespace) -> DownloadRequest:
-    registry = load_registry()
-    common = dict(include=args.include, exclude=args.exclude, local_dir=args.local_dir, cache_dir=args.cache_dir,
-                  endpoint=args.endpoint)
-    if args.model in registry or not looks_like_repo_id(args.model):
-        from .registry import lookup
-
-        entry = lookup(args.model, registry)
-        if entry.builtin:
-            return None
-        source = args.source or entry.default_source
-        if source not in SOURCES:
-            raise ValueError(f"{entry.name}: only available from {source}, which puyu cannot download from")
-        return DownloadRequest(entry.repo_for(source), revision=args.revision or entry.revision, source=source,
-                               **common)
-    return DownloadRequest(args.model, revision=args.revision, source=args.source or "huggingface", **common)
+def _request(args: argparse.Namespace) -> Optional[DownloadRequest]:
+    return request_for(args.model, source=args.source, revision=args.revision, include=args.include,
+                       exclude=args.exclude, local_dir=args.local_dir, cache_dir=args.cache_dir,
+                       endpoint=args.endpoint)
 
 
 def run_download(args: argparse.Namespace) -> int:
@@ -95,8 +84,6 @@ def _as_dict(e: ModelEntry) -> dict:
 def run_models(args: argparse.Namespace) -> int:
     registry = load_registry()
     if args.name:
-        from .registry import lookup
-
         entry = lookup(args.name, registry)
         print(json.dumps(_as_dict(entry), ensure_ascii=False, indent=2) if args.json else _details(entry))
         return 0

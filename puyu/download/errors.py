@@ -56,12 +56,16 @@ def human_size(n: Optional[float]) -> str:
     return f"{n:.1f} TB"
 
 
+def free_space(where: Path) -> int:
+    """Free bytes on the device `where` is (or will be) on."""
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return shutil.disk_usage(where).free
+
+
 def disk_full(where: Path, needed: Optional[int]) -> DiskFullError:
     """The error for a full disk at `where`: how much is free there and how much the download still needed."""
-    probe = where
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_space(where)
     return DiskFullError(f"no space left on the device of {where} ({human_size(free)} free, the download needs "
                          f"{human_size(needed)} more); free some space or pass --local-dir / --cache-dir on "
                          f"another disk, then run the same command again to resume")

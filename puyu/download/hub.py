@@ -8,13 +8,12 @@ together (refs, symlinks or --local-dir copies) exactly as the rest of the ecosy
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from . import resume
-from .errors import DownloadError, MissingPackageError, OfflineError, disk_full, explain
+from .errors import DownloadError, MissingPackageError, OfflineError, disk_full, explain, free_space
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SOURCES = ("huggingface", "modelscope")
@@ -109,10 +108,7 @@ def _check_space(plan: list[tuple[resume.RemoteFile, Path]]) -> None:
         return
     needed = _remaining(plan)
     where = plan[0][1].parent
-    probe = where
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if needed > shutil.disk_usage(probe).free:
+    if needed > free_space(where):
         raise disk_full(where, needed)
 
 

@@ -95,16 +95,34 @@ def _parse_repos(path: Path, raw: Any) -> dict[str, str]:
     return repos
 
 
+def personas_dir(registry_dir: Path) -> Path:
+    """configs/personas next to configs/models: the personas `puyu chat` and the web UI offer."""
+    return registry_dir.parent / "personas"
+
+
 def _parse_persona(path: Path, raw: Any) -> Optional[Persona]:
+    """Inline {system, greeting}, or the name of a persona file (configs/personas/<name>.yaml) so the text lives once."""
     if raw is None:
         return None
+    if isinstance(raw, str):
+        persona_file = personas_dir(path.parent) / f"{raw}.yaml"
+        try:
+            raw = yaml.safe_load(persona_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RegistryError(f"{path}: persona: no persona file {persona_file}") from None
+        except yaml.YAMLError as exc:
+            raise RegistryError(f"{persona_file}: not valid YAML ({exc})".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise RegistryError(f"{persona_file}: must be a YAML mapping with system and greeting")
+        raw = {"system": raw.get("system", raw.get("system_prompt")), "greeting": raw.get("greeting", "")}
+        path = persona_file
     _check_type(path, "persona", raw, dict)
     unknown = set(raw) - {"system", "greeting"}
     if unknown:
         raise RegistryError(f"{path}: persona.{sorted(unknown)[0]}: unknown field (known: system, greeting)")
     if not isinstance(raw.get("system"), str) or not raw["system"].strip():
         raise RegistryError(f"{path}: persona.system: must be a non-empty string")
-    greeting = raw.get("greeting", "")
+    greeting = raw.get("greeting") or ""
     _check_type(path, "persona.greeting", greeting, str)
     return Persona(system=raw["system"], greeting=greeting)
 

@@ -6,11 +6,12 @@ downloaded model works offline.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .errors import OfflineError
-from .hub import DownloadRequest, _hf_offline, cached_snapshot, download
+from .hub import SOURCES, DownloadRequest, _hf_offline, cached_snapshot, download
 from .registry import ModelEntry, UnknownModelError, load_registry, lookup
 
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -36,32 +37,60 @@ def looks_like_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
-def request_for(name_or_repo: str, registry: Optional[dict[str, ModelEntry]] = None) -> Optional[DownloadRequest]:
-    """The download that provides `name_or_repo`; None for a built-in model. Raises `UnknownModelError`."""
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def request_for(name_or_repo: str, *, source: Optional[str] = None, revision: Optional[str] = None,
+                registry: Optional[dict[str, ModelEntry]] = None, **options: Any) -> Optional[DownloadRequest]:
+    """The download that provides `name_or_repo` (a registry name or 'owner/name'); None for a built-in model.
+
+    `source`/`revision` override the registry's; `options` are further `DownloadRequest` fields.
+    """
     registry = load_registry() if registry is None else registry
-    if name_or_repo in registry or not looks_like_repo_id(name_or_repo):
-        entry = lookup(name_or_repo, registry)
-        if entry.builtin:
-            return None
-        source = entry.default_source
-        if source not in ("huggingface", "modelscope"):
-            raise UnknownModelError(f"{entry.name}: only available from {source}, which puyu cannot download from")
-        return DownloadRequest(entry.repos[source], revision=entry.revision, source=source, prefer_safetensors=True)
-    return DownloadRequest(name_or_repo, prefer_safetensors=True)
+    if name_or_repo not in registry and _looks_like_path(name_or_repo):
+        raise FileNotFoundError(f"{name_or_repo}: no such model directory")
+    if name_or_repo not in registry and looks_like_repo_id(name_or_repo):
+        return DownloadRequest(name_or_repo, revision=revision, source=source or "huggingface", **options)
+    entry = lookup(name_or_repo, registry)
+    if entry.builtin:
+        return None
+    source = source or entry.default_source
+    if source not in SOURCES:
+        raise UnknownModelError(f"{entry.name}: only available from {source}, which puyu cannot download from")
+    return DownloadRequest(entry.repo_for(source), revision=revision or entry.revision, source=source, **options)
+
+
+def modelscope_cached(repo_id: str) -> Optional[Path]:
+    """A complete copy of `repo_id` in ModelScope's cache ($MODELSCOPE_CACHE, default ~/.cache/modelscope/hub)."""
+    root = Path(os.environ.get("MODELSCOPE_CACHE", Path.home() / ".cache" / "modelscope" / "hub"))
+    owner, name = repo_id.split("/")
+    for folder in (root / "models" / owner, root / owner):
+        for candidate in (folder / name, folder / name.replace(".", "___")):
+            if candidate.is_dir() and is_complete_model(candidate):
+                return candidate
+    return None
+
+
+def cached_model(request: DownloadRequest) -> Optional[Path]:
+    """A complete local copy of what `request` would download, found without asking any hub."""
+    if request.source == "modelscope":
+        return modelscope_cached(request.repo_id)
+    cached = cached_snapshot(request)
+    return cached if cached is not None and is_complete_model(cached) else None
 
 
 def resolve_remote_model(name_or_repo: str) -> Path:
     """A registry name ('internlm2-chat-1_8b') or hub repository id ('internlm/internlm2-chat-1_8b') -> local dir."""
-    request = request_for(name_or_repo)
+    request = request_for(name_or_repo, prefer_safetensors=True)
     if request is None:
         from ..tiny import puyu_tiny_path
 
         return puyu_tiny_path()
-    if request.source == "huggingface":
-        cached = cached_snapshot(request)
-        if cached is not None and is_complete_model(cached):
-            return cached
-        if _hf_offline():
-            raise OfflineError(f"{name_or_repo}: not in the local cache and HF_HUB_OFFLINE=1 is set; run "
-                               f"`puyu download {name_or_repo}` where the hub (or a mirror) is reachable")
+    cached = cached_model(request)
+    if cached is not None:
+        return cached
+    if request.source == "huggingface" and _hf_offline():
+        raise OfflineError(f"{name_or_repo}: not in the local cache and HF_HUB_OFFLINE=1 is set; run "
+                           f"`puyu download {name_or_repo}` where the hub (or a mirror) is reachable")
     return download(request)

@@ -34,7 +34,15 @@ def test_bajie_has_its_persona() -> None:
     bajie = lookup("bajie-chat-1_8b")
     assert bajie.persona is not None and "俺老猪" in bajie.persona.system and bajie.persona.greeting
     assert bajie.repos["modelscope"] == "JimmyMa99/BaJie-Chat-mini"
-    assert " " not in bajie.persona.system  # no YAML folding spaces inside the Chinese text
+    assert lookup("internlm2-chat-7b").persona.greeting.startswith("你好")
+
+
+def test_persona_reference_to_a_missing_file_names_it(tmp_path: Path) -> None:
+    folder = _copy_registry(tmp_path)
+    path = folder / "bajie-chat-1_8b.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace("persona: bajie", "persona: wukong"), encoding="utf-8")
+    with pytest.raises(RegistryError, match="persona: no persona file .*wukong.yaml"):
+        load_registry(folder)
 
 
 def test_unknown_name_suggests_close_names() -> None:
@@ -46,8 +54,10 @@ def test_unknown_name_suggests_close_names() -> None:
 
 
 def _copy_registry(tmp_path: Path) -> Path:
-    folder = tmp_path / "models"
+    """configs/models and configs/personas, copied so a test can break one file."""
+    folder = tmp_path / "configs" / "models"
     shutil.copytree(models_dir(), folder)
+    shutil.copytree(models_dir().parent / "personas", folder.parent / "personas")
     return folder
 
 
