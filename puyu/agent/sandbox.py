@@ -185,8 +185,11 @@ class Sandbox:
             self._control = None
 
     # ------------------------------------------------------------------------------------------- cells
-    def run(self, code: str) -> CellResult:
-        """Run one cell; never raises for anything the code does."""
+    def run(self, code: str, timeout_s: Optional[float] = None) -> CellResult:
+        """Run one cell (`timeout_s` overrides the configured limit for this cell); never raises for anything the
+        code does."""
+        if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
+            raise ValueError(f"timeout_s: must be a positive number, got {timeout_s!r}")
         with self._lock:
             self.start()
             self._cells += 1
@@ -196,14 +199,14 @@ class Sandbox:
                 self._proc.stdin.flush()
             except (BrokenPipeError, OSError):
                 pass  # the worker died; the wait loop reports it
-            return _CellWaiter(self, cell).wait()
+            return _CellWaiter(self, cell, timeout_s or self.config.timeout_s).wait()
 
 
 class _CellWaiter:
     """The select loop of one cell: collects output, enforces the timeout and the output cap."""
 
-    def __init__(self, sandbox: Sandbox, cell: int) -> None:
-        self.sb, self.cell, self.cfg = sandbox, cell, sandbox.config
+    def __init__(self, sandbox: Sandbox, cell: int, timeout_s: float) -> None:
+        self.sb, self.cell, self.cfg, self.timeout_s = sandbox, cell, sandbox.config, timeout_s
         self.out_fd = sandbox._proc.stdout.fileno()
         self.output = bytearray()
         self.total = 0
@@ -215,7 +218,7 @@ class _CellWaiter:
     def wait(self) -> CellResult:
         while True:
             now = time.monotonic()
-            if self.reason is None and now - self.start > self.cfg.timeout_s:
+            if self.reason is None and now - self.start > self.timeout_s:
                 self._interrupt("timeout")
             if self.kill_at is not None and now > self.kill_at:
                 return self._finish_dead(self.reason or "timeout")
@@ -263,7 +266,7 @@ class _CellWaiter:
 
     def _limit_message(self, reason: str) -> str:
         if reason == "timeout":
-            return f"TimeoutError: the cell ran longer than {self.cfg.timeout_s:g} s and was stopped"
+            return f"TimeoutError: the cell ran longer than {self.timeout_s:g} s and was stopped"
         if reason == "output_limit":
             return f"OutputLimitError: the cell printed more than {self.cfg.output_limit_bytes} bytes and was stopped"
         return "WorkerCrash: the interpreter process died (out of memory, a crash or os._exit)"

@@ -54,7 +54,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def test_agent_run_writes_the_run_folder(data_dir, puyu_here):
     (data_dir / "replay.json").write_text(json.dumps([ANALYSE, BROKEN, ANSWER]))
-    p = puyu_here("run", "--model", "replay:replay.json", "--file", "weather.csv", "--out", "run1", "--timeout", "20",
+    p = puyu_here("run", "--model", "replay:replay.json", "--file", "weather.csv", "--out", "run1", "--timeout", "300",
              "Which city is warmest, and what is the mean temperature?", cwd=data_dir)
     assert p.returncode == 0, p.stderr
     run = data_dir / "run1"

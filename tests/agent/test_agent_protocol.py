@@ -33,7 +33,7 @@ class Adder(BaseAction):
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    with Sandbox(tmp_path_factory.mktemp("proto"), config=SandboxConfig(timeout_s=10)) as sb:
+    with Sandbox(tmp_path_factory.mktemp("proto"), config=SandboxConfig(timeout_s=120)) as sb:
         yield sb
 
 
