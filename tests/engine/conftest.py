@@ -1,6 +1,8 @@
 """Helpers for the engine tests: transformers greedy references and engines on the tiny checkpoints."""
 from __future__ import annotations
 
+import inspect
+import os
 from typing import Iterator
 
 import pytest
@@ -9,6 +11,8 @@ import torch
 from puyu.config import EngineConfig, GenerationConfig
 
 NEW_TOKENS = 32
+# the engine tests run on cpu; PUYU_TEST_DEVICE=cuda runs the engine side on a GPU (the reference stays on cpu)
+DEVICE = os.environ.get("PUYU_TEST_DEVICE", "cpu")
 
 
 def make_prompts(vocab: int, lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
@@ -24,10 +28,11 @@ def reference_greedy(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> 
     """
     out: list[int] = []
     x, past = torch.tensor([prompt]), None
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         for _ in range(new_tokens):
-            o = model(x, cache=past, use_cache=True)
-            past = o.cache
+            o = model(x, use_cache=True, **{name: past})
+            past = getattr(o, name)
             out.append(int(o.logits[0, -1].argmax()))
             x = torch.tensor([[out[-1]]])
     return out
@@ -63,6 +68,7 @@ def make_pipeline() -> Iterator:
         options.setdefault("cache_max_entry_count", 64)
         options.setdefault("cache_block_seq_len", 16)
         options.setdefault("dtype", "float32")
+        options.setdefault("device", DEVICE)
         pipe = pipeline(path, backend_config=EngineConfig(**options))
         made.append(pipe)
         return pipe

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import NEW_TOKENS, greedy, make_prompts, reference_greedy
+from conftest import DEVICE, NEW_TOKENS, greedy, make_prompts, reference_greedy
 from puyu.config import GenerationConfig
 from puyu.convert import load_model_weights
 from puyu.engine.block_manager import BlockManager
@@ -31,20 +31,22 @@ def case(tiny_checkpoint, reference_model):
 def test_last_token_logits_match_transformers(case):
     path, ref, prompts, _ = case
     spec, weights = load_model_weights(path, torch.float32)
-    model = DecoderModel(spec, weights, torch.device("cpu"))
-    cache = KVCacheStorage(spec.num_layers, 32, 16, spec.num_kv_heads, spec.head_dim, torch.float32, "cpu")
+    device = torch.device(DEVICE)
+    model = DecoderModel(spec, {k: v.to(device) for k, v in weights.items()}, device)
+    cache = KVCacheStorage(spec.num_layers, 32, 16, spec.num_kv_heads, spec.head_dim, torch.float32, device)
     bm = BlockManager(32, 16)
     seqs = [Sequence(str(i), p, GenerationConfig(), 4096) for i, p in enumerate(prompts)]
     for s in seqs:
         assert bm.allocate(s, len(s))
     # one flattened step over sequences of mixed lengths, then one batched decode step
     logits = ModelRunner(model, cache).run([ScheduledSeq(s, 0, len(s)) for s in seqs])
+    logits = logits.cpu()
     next_ids = logits.argmax(-1).tolist()
     for s, t in zip(seqs, next_ids):
         s.num_computed = len(s)
         s.output_ids.append(t)
         assert bm.allocate(s, len(s))
-    decode_logits = ModelRunner(model, cache).run([ScheduledSeq(s, len(s) - 1, 1) for s in seqs])
+    decode_logits = ModelRunner(model, cache).run([ScheduledSeq(s, len(s) - 1, 1) for s in seqs]).cpu()
     with torch.no_grad():
         for i, s in enumerate(seqs):
             expect = ref(torch.tensor([s.token_ids])).logits[0]
