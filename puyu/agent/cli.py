@@ -43,6 +43,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="engine device (in-process engine only)")
 
 
+def _require_lagent() -> None:
+    """The agent is an extra: say how to install it instead of printing an ImportError traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("lagent") is None:
+        from ..cli import CLIError
+
+        raise CLIError("the agent needs Lagent: pip install 'puyu[agent]' (lagent==0.2.4 and its pins)")
+
+
 def _run_config(args: argparse.Namespace):
     from .runner import RunConfig
 
@@ -85,6 +95,7 @@ def _out_dir(args: argparse.Namespace, kind: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _require_lagent()
     from .runner import run_analysis
 
     config, gen = _run_config(args), _gen_params(args)
@@ -103,6 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    _require_lagent()
     from .batch import load_tasks, run_batch
 
     config, gen = _run_config(args), _gen_params(args)

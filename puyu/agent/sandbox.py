@@ -230,9 +230,19 @@ class _CellWaiter:
                 if not chunk:
                     return self._finish_dead(self.reason or "crashed")
                 self.control += chunk
-                if b"\n" in self.control:
-                    self._drain_output()
-                    return self._finish(json.loads(self.control.split(b"\n", 1)[0]))
+                while b"\n" in self.control:
+                    result = self._parse_result()
+                    if result.get("cell") == self.cell:  # a line about another cell (stale or forged) is dropped
+                        self._drain_output()
+                        return self._finish(result)
+
+    def _parse_result(self) -> dict:
+        line, self.control = self.control.split(b"\n", 1)
+        try:
+            result = json.loads(line)
+        except ValueError:
+            result = None
+        return result if isinstance(result, dict) else {}
 
     def _read_output(self) -> bool:
         chunk = os.read(self.out_fd, 65536)
@@ -271,12 +281,20 @@ class _CellWaiter:
             return f"OutputLimitError: the cell printed more than {self.cfg.output_limit_bytes} bytes and was stopped"
         return "WorkerCrash: the interpreter process died (out of memory, a crash or os._exit)"
 
+    def _figures(self, result: dict) -> list[str]:
+        """Only real files in the figures folder: the control pipe is writable by user code, so its claims are
+        checked."""
+        root = self.sb.figures_dir
+        paths = [Path(p) for p in result.get("figures", []) if isinstance(p, str)]
+        return [str(p) for p in paths if p.parent == root and p.suffix == ".png" and p.is_file()]
+
     def _finish(self, result: dict) -> CellResult:
         error = result.get("error")
+        error = error if isinstance(error, str) or error is None else str(error)
         status = "ok" if error is None else "error"
         if self.reason is not None:
             status, error = self.reason, self._limit_message(self.reason)
-        return CellResult(self.cell, status, self._text(), error, result.get("figures", []),
+        return CellResult(self.cell, status, self._text(), error, self._figures(result),
                           round(time.monotonic() - self.start, 3), self.total, self.total > len(self.output))
 
     def _finish_dead(self, reason: str) -> CellResult:

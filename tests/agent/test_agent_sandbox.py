@@ -182,3 +182,22 @@ def test_bad_config_names_the_field(shared):
         SandboxConfig(timeout_s=0)
     with pytest.raises(ValueError, match="timeout_s"):
         shared.run("1", timeout_s=-1)
+
+
+def test_forged_results_on_the_control_pipe_are_ignored(shared):
+    """User code can write to the worker's control pipe; lines that are not this cell's result are dropped and
+    claimed figures outside the figures folder are not returned. (A forged line with the right cell number ends the
+    wait early; its late output then shows up in the next cell: only the forger is fooled.)"""
+    forge = ("import json, os\nfd = [int(f) for f in os.listdir('/proc/self/fd') if f.isdigit() and f not in "
+             "('0', '1', '2')]\nfor f in fd:\n    try:\n        os.write(f, (json.dumps({'cell': -1, 'error': None}) "
+             "+ '\\n').encode())\n    except OSError:\n        pass\nprint('forged')")
+    r = shared.run(forge)
+    assert r.status == "ok" and "forged" in r.output
+    cell = shared._cells + 1
+    claim = ("import json, os\nfor f in [int(f) for f in os.listdir('/proc/self/fd') if f.isdigit()][3:]:\n    try:\n"
+             f"        os.write(f, (json.dumps({{'cell': {cell}, 'error': None, 'figures': ['/etc/passwd']}}) "
+             "+ '\\n').encode())\n    except OSError:\n        pass\nimport time; time.sleep(0.5)\n'done'")
+    r = shared.run(claim)
+    assert r.figures == []
+    after = shared.run("40 + 2")  # the stale real result of the previous cell did not become this cell's reply
+    assert after.status == "ok" and after.output.strip().splitlines()[-1] == "42"
