@@ -144,22 +144,24 @@ def _patch_socket():
 
 
 def lock_down(cfg):
-    """Apply every restriction and report which ones are in force."""
+    """Apply every restriction and report which ones are in force.
+
+    Network, strongest first: a private network namespace (no interface but a downed loopback); else Landlock TCP
+    rules (connect/bind denied, kernel ABI >= 4; UDP and raw sockets stay open); plus, whenever there is no
+    namespace, a patched `socket.socket` (only stops Python code that goes through the `socket` module)."""
     _set_limits(cfg)
-    report = {"memory_bytes": cfg.get("memory_bytes"), "network": "open", "filesystem": "unrestricted"}
-    if cfg.get("block_network", True):
-        if cfg.get("use_namespaces", True) and _unshare_network():
-            report["network"] = "namespace"
-    abi = _landlock(cfg["writable"], block_tcp=report["network"] == "open" and cfg.get("block_network", True)) \
-        if cfg.get("use_landlock", True) else 0
-    if abi:
-        report["filesystem"] = f"landlock-v{abi}"
-        if report["network"] == "open" and cfg.get("block_network", True) and abi >= 4:
-            report["network"] = "landlock-tcp"
-    if cfg.get("block_network", True) and report["network"] in ("open", "landlock-tcp"):
+    block = cfg.get("block_network", True)
+    network = []
+    if block and cfg.get("use_namespaces", True) and _unshare_network():
+        network.append("namespace")
+    abi = _landlock(cfg["writable"], block_tcp=block and not network) if cfg.get("use_landlock", True) else 0
+    if block and not network:
+        if abi >= 4:
+            network.append("landlock-tcp")
         _patch_socket()
-        report["network"] = "landlock-tcp+socket-patch" if report["network"] == "landlock-tcp" else "socket-patch"
-    return report
+        network.append("socket-patch")
+    return {"memory_bytes": cfg.get("memory_bytes"), "network": "+".join(network) or "open",
+            "filesystem": f"landlock-v{abi}" if abi else "unrestricted"}
 
 
 # ---------------------------------------------------------------------------------------------- figures

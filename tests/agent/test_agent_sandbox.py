@@ -201,3 +201,14 @@ def test_forged_results_on_the_control_pipe_are_ignored(shared):
     assert r.figures == []
     after = shared.run("40 + 2")  # the stale real result of the previous cell did not become this cell's reply
     assert after.status == "ok" and after.output.strip().splitlines()[-1] == "42"
+
+
+def test_landlock_tcp_rules_block_raw_sockets_without_a_namespace(tmp_path, tcp_server):
+    """Without a network namespace, Landlock (ABI >= 4) denies TCP connect even to code that bypasses the patched
+    `socket` module through `_socket`."""
+    port, accepted = tcp_server
+    with Sandbox(tmp_path / "w", config=SandboxConfig(timeout_s=120, use_namespaces=False)) as sb:
+        if "landlock-tcp" not in sb.isolation["network"]:
+            pytest.skip(f"Landlock TCP rules are not available here ({sb.isolation})")
+        r = sb.run(f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\nprint('CONNECTED')")
+    assert r.error.startswith("PermissionError") and "CONNECTED" not in r.output and not accepted
