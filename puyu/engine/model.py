@@ -33,10 +33,7 @@ def make_linear(weights: dict[str, torch.Tensor], name: str) -> Linear:
 
         scales = weights[f"{name}.scales"]
         group_size = weights[f"{name}.qweight"].shape[0] // scales.shape[0]
-        lin = Int4Linear(weights[f"{name}.qweight"], scales, weights[f"{name}.zeros"], group_size)
-        if bias is None:
-            return lin
-        return lambda x: lin(x) + bias
+        return Int4Linear(weights[f"{name}.qweight"], scales, weights[f"{name}.zeros"], group_size, bias=bias)
     raise CheckpointError(f"weights: tensor {name}.weight (or {name}.qweight) is missing")
 
 
