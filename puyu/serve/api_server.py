@@ -37,8 +37,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response(headers=getattr(exc, "headers", None))
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 400:  # FastAPI could not read the body at all (e.g. not UTF-8)
+            message = f"the request body cannot be read as JSON ({message})"
+        return APIError(exc.status_code, message, code=code).response(headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ClientGone)
     async def client_gone(_: Request, __: ClientGone) -> Response:

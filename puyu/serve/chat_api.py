@@ -19,7 +19,7 @@ from .tools import ParsedReply, ToolStreamParser, forced_prefix, parse_reply, st
 
 
 def _needs_protocol_template(req: ChatCompletionRequest) -> bool:
-    return req.uses_tools() or any(m.role == "tool" or m.tool_calls for m in req.messages)
+    return req.uses_tools() or any(m.role == "tool" or getattr(m, "tool_calls", None) for m in req.messages)
 
 
 def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[list[int], str]:

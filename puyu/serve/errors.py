@@ -31,12 +31,18 @@ def bad_request(message: str, param: Optional[str] = None, code: str = "invalid_
     return APIError(400, message, param=param, code=code)
 
 
+MESSAGE_TAGS = ("system", "developer", "user", "assistant", "tool")
+
+
 def _loc(loc: Sequence[Any]) -> str:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
-    out = ""
+    out, prev = "", None
     for part in loc:
+        prev, after_index = part, isinstance(prev, int)
         if part == "body" and not out:
             continue
+        if after_index and part in MESSAGE_TAGS:
+            continue  # the message class pydantic chose by its 'role'
         if isinstance(part, int):
             out += f"[{part}]"
         elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "function-after", "function-before") \
@@ -55,6 +61,13 @@ def _describe(err: dict[str, Any]) -> tuple[str, Optional[str], str]:
         return f"malformed JSON in the request body: {detail}".rstrip(": "), None, "invalid_json"
     if kind == "missing":
         return f"missing required field '{loc}'", loc, "missing_field"
+    if kind in ("union_tag_not_found", "union_tag_invalid"):  # the message type is chosen by a tag field ('role')
+        tag = str((err.get("ctx") or {}).get("discriminator", "role")).strip("'")
+        field_loc = f"{loc}.{tag}" if loc else tag
+        if kind == "union_tag_not_found":
+            return f"missing required field '{field_loc}'", field_loc, "missing_field"
+        expected = (err.get("ctx") or {}).get("expected_tags", "")
+        return f"invalid value for '{field_loc}': must be one of {expected}", field_loc, "invalid_value"
     if kind == "extra_forbidden":
         return f"unknown field '{loc}' (not part of this API)", loc, "unknown_field"
     exc = (err.get("ctx") or {}).get("error")

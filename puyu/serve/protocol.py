@@ -7,9 +7,10 @@ accepted because the native engine honours them.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from ..config import GenerationConfig
 
@@ -70,25 +71,51 @@ class TextPart(_Strict):
     text: str
 
 
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+class _Message(_Strict):
+    def text(self) -> str:
+        content = getattr(self, "content", None)
+        if content is None:
+            return ""
+        if isinstance(content, str):
+            return content
+        return "".join(part.text for part in content)
+
+
+Content = Union[str, list[TextPart]]
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    content: Content
+    name: Optional[str] = None
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+    name: Optional[str] = Field(default=None, description="rendered as `user name=...` (e.g. 'file' for uploads)")
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Optional[Content] = None
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None
-    tool_call_id: Optional[str] = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
 
     @model_validator(mode="after")
-    def _content_required(self) -> "ChatMessage":
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs 'content'")
+    def _content_or_calls(self) -> "AssistantMessage":
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs 'content' or 'tool_calls'")
         return self
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+ChatMessage = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
 
 
 class ResponseFormat(_Strict):
@@ -117,9 +144,9 @@ class _Sampling(_Strict):
     skip_special_tokens: Optional[bool] = None
     min_new_tokens: Optional[int] = Field(default=None, ge=0)
     session_id: Optional[int] = Field(default=None, ge=-(2**63), lt=2**63, description="LMDeploy's session id; part of the request id.")
-    # known OpenAI fields we cannot honour: rejected when given a value
-    logit_bias: Optional[dict[str, Any]] = None
-    service_tier: Optional[str] = None
+    # known OpenAI fields we cannot honour: rejected when given a value (left out of /openapi.json)
+    logit_bias: SkipJsonSchema[Optional[dict[str, Any]]] = None
+    service_tier: SkipJsonSchema[Optional[str]] = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias", "service_tier")
 
@@ -170,15 +197,15 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
     # known OpenAI chat fields we cannot honour
-    functions: Optional[list[Any]] = None
-    function_call: Optional[Any] = None
-    audio: Optional[Any] = None
-    modalities: Optional[list[str]] = None
-    prediction: Optional[Any] = None
-    store: Optional[bool] = None
-    metadata: Optional[dict[str, Any]] = None
-    reasoning_effort: Optional[str] = None
-    web_search_options: Optional[Any] = None
+    functions: SkipJsonSchema[Optional[list[Any]]] = None
+    function_call: SkipJsonSchema[Optional[Any]] = None
+    audio: SkipJsonSchema[Optional[Any]] = None
+    modalities: SkipJsonSchema[Optional[list[str]]] = None
+    prediction: SkipJsonSchema[Optional[Any]] = None
+    store: SkipJsonSchema[Optional[bool]] = None
+    metadata: SkipJsonSchema[Optional[dict[str, Any]]] = None
+    reasoning_effort: SkipJsonSchema[Optional[str]] = None
+    web_search_options: SkipJsonSchema[Optional[Any]] = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
         "logit_bias", "service_tier", "functions", "function_call", "audio", "modalities", "prediction",
@@ -222,7 +249,7 @@ class CompletionRequest(_Sampling):
     # LMDeploy's client always sends this one; only the default behaviour exists here
     spaces_between_special_tokens: Optional[bool] = None
     # known OpenAI completion fields we cannot honour
-    suffix: Optional[str] = None
+    suffix: SkipJsonSchema[Optional[str]] = None
     best_of: Optional[int] = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias", "service_tier", "suffix")

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .protocol import ChatMessage, NamedToolChoice, Tool
+from .protocol import NamedToolChoice, Tool
 
 ACTION_START = "<|action_start|>"
 ACTION_END = "<|action_end|>"
@@ -30,7 +30,7 @@ def _call_text(name: str, arguments: str) -> str:
     return CALL_START + "\n" + json.dumps({"name": name, "parameters": params}, ensure_ascii=False) + ACTION_END
 
 
-def to_internlm2_messages(messages: list[ChatMessage], tools: Optional[list[Tool]]) -> list[dict[str, str]]:
+def to_internlm2_messages(messages: list[Any], tools: Optional[list[Tool]]) -> list[dict[str, str]]:
     """OpenAI messages -> InternLM2 chat messages (`role`, `content`, optional `name`) for the chat template."""
     out: list[dict[str, str]] = []
     if tools:
@@ -39,13 +39,13 @@ def to_internlm2_messages(messages: list[ChatMessage], tools: Optional[list[Tool
     for m in messages:
         if m.role == "tool":
             out.append({"role": "environment", "name": "plugin", "content": m.text()})
-        elif m.role == "assistant" and m.tool_calls:
+        elif m.role == "assistant" and getattr(m, "tool_calls", None):
             calls = "".join(_call_text(c.function.name, c.function.arguments) for c in m.tool_calls)
             out.append({"role": "assistant", "content": m.text() + calls})
         else:
             role = "system" if m.role == "developer" else m.role
             msg = {"role": role, "content": m.text()}
-            if m.name and role == "user":
+            if getattr(m, "name", None) and role == "user":
                 msg["name"] = m.name
             out.append(msg)
     # a system turn with tools must come first only if there is no other system prompt before the user turn
