@@ -88,6 +88,7 @@ class AsyncEngine:
         if not isinstance(gen_config, GenerationConfig):
             raise ValueError(f"gen_config: must be a GenerationConfig, got {type(gen_config).__name__}")
         gen_config.validate()
+        self.tokenizer.check_ids(gen_config.stop_token_ids or [], "stop_token_ids: id")
         ids = self.engine.prepare_prompt(prompt)
         return ids, gen_config, request_id or uuid.uuid4().hex
 
@@ -166,8 +167,8 @@ class AsyncEngine:
         request_id, ids, gen_config = payload
         try:
             self.engine.add_request(request_id, ids, gen_config)
-        except ValueError as exc:
-            return StreamOutput(finish_reason="error", error=str(exc), request_id=request_id)
+        except Exception as exc:  # the request fails, the engine goes on
+            return StreamOutput(finish_reason="error", error=f"{type(exc).__name__}: {exc}", request_id=request_id)
         return None
 
     def _step(self) -> list[StreamOutput]:

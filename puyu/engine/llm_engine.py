@@ -118,6 +118,7 @@ class LLMEngine:
         if len(prompt_ids) > self.session_len:
             raise PromptTooLongError(len(prompt_ids), self.session_len)
         gen_config.validate()
+        self.tokenizer.check_ids(gen_config.stop_token_ids or [], "stop_token_ids: id")
         stop = set(gen_config.stop_token_ids or ())
         if not gen_config.ignore_eos:
             stop |= set(self.tokenizer.stop_token_ids)

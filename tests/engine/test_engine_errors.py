@@ -62,9 +62,11 @@ def test_invalid_sampling_values(field, value):
     assert err.value.field == field and field in str(err.value)
 
 
-def test_invalid_gen_config_type(pipe):
+def test_invalid_gen_config_type_and_stop_ids(pipe):
     with pytest.raises(ValueError, match="gen_config"):
         pipe("hi", 42)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        pipe("hi", GenerationConfig(stop_token_ids=[10 ** 6]))
 
 
 def test_invalid_engine_options(internlm2_checkpoint):
