@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,12 @@ def checksum_matches(path: Path, etag: str, size: Optional[int]) -> Optional[boo
     return digest.hexdigest() == etag
 
 
+def _lock_path(part: Path) -> Path:
+    folder = Path(tempfile.gettempdir()) / "puyu-download-locks"
+    folder.mkdir(exist_ok=True)
+    return folder / (hashlib.sha1(str(part.resolve()).encode()).hexdigest() + ".lock")
+
+
 def fetch(remote: RemoteFile, target: Path, headers: Optional[dict[str, str]] = None, retries: int = 3) -> None:
     """Download `remote` to `target`, continuing a partial file left by an earlier call.
 
@@ -65,8 +72,20 @@ def fetch(remote: RemoteFile, target: Path, headers: Optional[dict[str, str]] = 
     failure leaves the partial file for the next call. A checksum mismatch removes it and raises `DownloadError`,
     since resuming a corrupt prefix would only reproduce the corruption.
     """
+    from filelock import FileLock
+
     part = partial_path(target)
     part.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes appending to one partial file would interleave their bytes. The lock lives outside the cache
+    # so that the hub's cache layout stays clean.
+    with FileLock(str(_lock_path(part))):
+        if target.exists():  # another process finished it while we waited
+            return
+        _fetch_locked(remote, target, part, headers, retries)
+
+
+def _fetch_locked(remote: RemoteFile, target: Path, part: Path, headers: Optional[dict[str, str]],
+                  retries: int) -> None:
     if remote.size is not None and partial_size(target) > remote.size:  # not a prefix of this file: start over
         part.unlink()
     while True:
