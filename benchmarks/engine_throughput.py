@@ -209,8 +209,10 @@ def _generate_batch(model, prompts: list[list[int]], max_new: int, pages: int, p
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         if "continuous_batching_config" in params:
-            kwargs["continuous_batching_config"] = ContinuousBatchingConfig(page_size=page_size, num_blocks=pages,
-                                                                            max_batch_tokens=2048)
+            known = inspect.signature(ContinuousBatchingConfig).parameters  # field names differ between versions
+            wanted = {"page_size": page_size, "block_size": page_size, "num_blocks": pages, "max_batch_tokens": 2048}
+            kwargs["continuous_batching_config"] = ContinuousBatchingConfig(
+                **{k: v for k, v in wanted.items() if k in known})
     except ImportError:
         pass
     if timestamps and "record_timestamps" in params:
