@@ -26,16 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import CLIError
     from ..serve.options import engine_config_from_args
     from .app import AppConfig, build_app, launch
     from .personas import load_personas
     from .services import make_analysis_service, make_chat_backend
 
     if args.model and args.api_url:
-        raise CLIError("give either MODEL (the engine in this process) or --api-url (a server), not both")
+        raise ValueError("give either MODEL (the engine in this process) or --api-url (a server), not both")
     if not 0 < args.server_port < 65536:
-        raise CLIError(f"--server-port: {args.server_port} is not a TCP port")
+        raise ValueError(f"--server-port: {args.server_port} is not a TCP port")
     personas = load_personas(args.personas)
     engine_config = None if args.api_url else engine_config_from_args(args)
     backend = make_chat_backend(args.model, args.api_url, args.api_key, args.model_name, engine_config,

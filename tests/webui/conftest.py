@@ -6,7 +6,10 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -92,6 +95,70 @@ def running_app(backend, config=None) -> Iterator[str]:
         yield url
     finally:
         app.close()
+
+
+class Process:
+    """A real `puyu ...` subprocess, its output kept in a file (shown when it fails to come up)."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "puyu.cli", *args], stdout=log.open("w"),
+                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                     start_new_session=True)
+
+    def wait_http(self, url: str, timeout_s: float = 180.0) -> None:
+        """Until `url` answers 200 (or the process exits, or the generous ceiling passes)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{url} never came up (exit code {self.proc.poll()}):\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def puyu_server(internlm2_checkpoint, tmp_path_factory):
+    """`puyu serve` on the tiny InternLM2 checkpoint, as a real subprocess: yields its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    proc = Process(["serve", str(internlm2_checkpoint), "--backend", "native", "--server-port", str(port),
+                    "--session-len", "512", "--cache-max-entry-count", "64", "--num-threads", "1"], log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_http(f"{url}/health")
+        yield url
+    finally:
+        proc.stop()
+
+
+def upload(page, *paths: Path) -> None:
+    """Put files into the data-analysis tab's upload box and wait until the page lists every one of them."""
+    page.get_by_role("tab", name="Data analysis").click()
+    page.locator("#analysis-files input[type='file']").set_input_files([str(p) for p in paths])
+    for path in paths:
+        expect_count(page.locator(f"#analysis-files a[href$='/{path.name}']"), 1)
+
+
+def expect_count(locator, n: int) -> None:
+    from playwright.sync_api import expect
+
+    expect(locator).to_have_count(n)
 
 
 @pytest.fixture

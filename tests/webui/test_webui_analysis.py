@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from conftest import DOCS, running_app
+from conftest import DOCS, running_app, upload
 
 pytest.importorskip("lagent", reason="the data-analysis tab needs the agent extra (puyu[agent])")
 
@@ -69,9 +69,7 @@ def app(tmp_path_factory):
 
 
 def run_analysis_in(page, csv: Path, question: str) -> None:
-    page.get_by_role("tab", name="Data analysis").click()
-    page.locator("#analysis-files input[type='file']").set_input_files(str(csv))
-    expect(page.locator("#analysis-files")).to_contain_text(csv.name)
+    upload(page, csv)
     page.locator("#analysis-question textarea").fill(question)
     page.locator("#analysis-run").click()
 
