@@ -69,9 +69,13 @@ def _unshare_network():
 
 # Landlock (Linux >= 5.13): syscall numbers are shared by all architectures for these new calls.
 _LL_CREATE, _LL_ADD_RULE, _LL_RESTRICT = 444, 445, 446
-_FS_WRITE_FILE, _FS_TRUNCATE = 1 << 1, 1 << 14
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_FS_TRUNCATE, _FS_REFER = 1 << 14, 1 << 13
 _FS_WRITE_RIGHTS_V1 = sum(1 << i for i in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make-*
-_FS_REFER = 1 << 13
+_FS_READ_RIGHTS = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
+_FILE_RIGHTS = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE  # what a rule on a file may hold
+_SYSTEM_READ_ROOTS = ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/dev", "/sys",
+                      "/proc/cpuinfo", "/proc/meminfo", "/proc/stat")
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -84,16 +88,28 @@ class _PathBeneathAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
-def _landlock(writable, block_tcp):
-    """Allow writes only beneath `writable` (reads stay open); with `block_tcp`, deny TCP connect/bind (ABI >= 4);
-    from ABI 6 also forbid signalling processes outside the sandbox. Returns the ABI version in force, or 0."""
+def read_roots():
+    """What the interpreter needs to read: system directories, the Python installation and its site-packages
+    (not the folders of an editable install, nor the home directory), and this process's own /proc entry."""
+    roots = set(_SYSTEM_READ_ROOTS) | {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                                         os.path.realpath("/proc/self")}
+    roots |= {os.path.realpath(p) for p in sys.path if p and os.path.basename(p) in ("site-packages",
+                                                                                     "dist-packages")}
+    return sorted(r for r in roots if os.path.exists(r))
+
+
+def _landlock(writable, block_tcp, restrict_reads):
+    """Allow writes only beneath `writable`; with `restrict_reads`, reads and execution only beneath `read_roots()`
+    and `writable`; with `block_tcp`, deny TCP connect/bind (ABI >= 4); from ABI 6 also forbid signalling
+    processes outside the sandbox. Returns the ABI version in force, or 0."""
     libc = _libc()
     libc.syscall.restype = ctypes.c_long
     abi = libc.syscall(_LL_CREATE, None, 0, 1)
     if abi < 1:
         return 0
-    fs = _FS_WRITE_RIGHTS_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0)
-    attr = _RulesetAttr(fs, 0, 0)
+    write = _FS_WRITE_RIGHTS_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0)
+    read = _FS_READ_RIGHTS if restrict_reads else 0
+    attr = _RulesetAttr(write | read, 0, 0)
     size = 8
     if abi >= 4 and block_tcp:
         attr.handled_access_net, size = 0b11, 16  # BIND_TCP | CONNECT_TCP, no rule allows any port
@@ -104,8 +120,10 @@ def _landlock(writable, block_tcp):
         return 0
     try:
         for path in writable:
-            _landlock_rule(fd, path, fs)
-        _landlock_rule(fd, os.devnull, _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0))
+            _landlock_rule(fd, path, write | read)
+        _landlock_rule(fd, os.devnull, _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0) | read)
+        for path in read_roots() if restrict_reads else ():
+            _landlock_rule(fd, path, read)
         if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
             return 0
         if libc.syscall(_LL_RESTRICT, fd, 0) != 0:
@@ -117,7 +135,7 @@ def _landlock(writable, block_tcp):
 
 def _landlock_rule(ruleset_fd, path, access):
     if not os.path.isdir(path):
-        access &= _FS_WRITE_FILE | _FS_TRUNCATE  # a rule on a file may only hold file rights
+        access &= _FILE_RIGHTS
     pfd = os.open(path, os.O_PATH)
     try:
         rule = _PathBeneathAttr(access, pfd)
@@ -154,14 +172,15 @@ def lock_down(cfg):
     network = []
     if block and cfg.get("use_namespaces", True) and _unshare_network():
         network.append("namespace")
-    abi = _landlock(cfg["writable"], block_tcp=block and not network) if cfg.get("use_landlock", True) else 0
+    reads = cfg.get("restrict_reads", True)
+    abi = _landlock(cfg["writable"], block and not network, reads) if cfg.get("use_landlock", True) else 0
     if block and not network:
         if abi >= 4:
             network.append("landlock-tcp")
         _patch_socket()
         network.append("socket-patch")
     return {"memory_bytes": cfg.get("memory_bytes"), "network": "+".join(network) or "open",
-            "filesystem": f"landlock-v{abi}" if abi else "unrestricted"}
+            "filesystem": (f"landlock-v{abi}:" + ("read+write" if reads else "write")) if abi else "unrestricted"}
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -212,3 +212,20 @@ def test_landlock_tcp_rules_block_raw_sockets_without_a_namespace(tmp_path, tcp_
             pytest.skip(f"Landlock TCP rules are not available here ({sb.isolation})")
         r = sb.run(f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\nprint('CONNECTED')")
     assert r.error.startswith("PermissionError") and "CONNECTED" not in r.output and not accepted
+
+
+def test_reads_outside_system_paths_and_the_run_folder_are_denied(tmp_path, monkeypatch):
+    """A secret next to the run folder and the parent's environment (/proc/PID/environ) stay unreadable, while
+    system files and the Python installation remain readable."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("token")
+    monkeypatch.setenv("PUYU_TEST_SECRET", "s3cr3t")
+    with Sandbox(tmp_path / "run" / "work", config=FAST) as sb:
+        if not sb.isolation["filesystem"].endswith(":read+write"):
+            pytest.skip(f"Landlock read rules are not available here ({sb.isolation})")
+        theirs = sb.run(f"open({str(secret)!r}).read()")
+        environ = sb.run(f"open('/proc/{os.getpid()}/environ', 'rb').read()")
+        ours = sb.run("import json, os\nos.listdir('/usr') != [] and len(open(json.__file__).read()) > 100")
+    assert theirs.error.startswith("PermissionError") and "token" not in theirs.output
+    assert environ.error.startswith("PermissionError") and "s3cr3t" not in environ.output
+    assert ours.status == "ok" and ours.output.strip() == "True"
