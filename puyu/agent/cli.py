@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .sandbox import SandboxConfig
+from ..cli import CLIError
+from .sandbox import SandboxConfig, SandboxError
 
 MODEL_HELP = ("a model directory, registry name or 'puyu-tiny' (in-process engine); an OpenAI-compatible server URL "
               "(http://host:port); or replay:FILE.json (recorded replies, for regression runs)")
@@ -48,8 +49,6 @@ def _require_lagent() -> None:
     import importlib.util
 
     if importlib.util.find_spec("lagent") is None:
-        from ..cli import CLIError
-
         raise CLIError("the agent needs Lagent: pip install 'puyu[agent]' (lagent==0.2.4 and its pins)")
 
 
@@ -105,6 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     make_model, close = build_model_factory(args)
     try:
         result = run_analysis(make_model(None), args.question, args.file, _out_dir(args, "run"), config, **gen)
+    except SandboxError as exc:
+        raise CLIError(f"the interpreter sandbox could not start: {exc}") from None
     finally:
         close()
     print(f"run folder: {result.run_dir}")

@@ -26,11 +26,14 @@ class SandboxInterpreter(BaseAction):
     errors come back, and matplotlib figures are saved as PNG. There is no network access."""
 
     def __init__(self, sandbox: Sandbox, on_cell: Optional[Callable[[str, CellResult], None]] = None,
-                 description: Optional[dict] = None, parser: type[BaseParser] = JsonParser,
-                 enable: bool = True) -> None:
+                 observation_chars: int = 4000, description: Optional[dict] = None,
+                 parser: type[BaseParser] = JsonParser, enable: bool = True) -> None:
         super().__init__(description, parser, enable)
+        if not isinstance(observation_chars, int) or observation_chars < 200:
+            raise ValueError(f"observation_chars: must be an integer >= 200, got {observation_chars!r}")
         self.sandbox = sandbox
         self.on_cell = on_cell
+        self.observation_chars = observation_chars
 
     def run(self, command: str) -> ActionReturn:
         """Run Python code.
@@ -45,12 +48,21 @@ class SandboxInterpreter(BaseAction):
         result = self.sandbox.run(code)
         if self.on_cell is not None:
             self.on_cell(code, result)
-        return to_action_return(self.name, command, result)
+        return to_action_return(self.name, command, result, self.observation_chars)
 
 
-def to_action_return(name: str, command: str, result: CellResult) -> ActionReturn:
-    """What the model sees: output, then the error (if any), then the figures as `[image](path)` items."""
-    text = result.output.rstrip("\n")
+def shorten(text: str, limit: int) -> str:
+    """Head and tail of a long output (the model's context is small; the transcript keeps it all)."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 3 // 5, limit * 2 // 5
+    return f"{text[:head]}\n... [{len(text) - head - tail} characters omitted] ...\n{text[-tail:]}"
+
+
+def to_action_return(name: str, command: str, result: CellResult, limit: int = 4000) -> ActionReturn:
+    """What the model sees: output (shortened to `limit` characters), then the error (if any), then the figures as
+    `[image](path)` items."""
+    text = shorten(result.output.rstrip("\n"), limit)
     if result.status != "ok" and result.error and result.error not in text:
         text = f"{text}\n{result.error}".strip("\n")
     items = [{"type": "text", "content": text or "[no output]"}]

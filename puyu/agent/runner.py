@@ -29,10 +29,13 @@ from .sandbox import CellResult, Sandbox, SandboxConfig, copy_input_files
 class RunConfig:
     max_turn: int = 10
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    observation_chars: int = 4000  # of a cell's output shown to the model (the transcript keeps the whole output)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_turn, int) or self.max_turn < 1:
             raise ValueError(f"max_turn: must be a positive integer, got {self.max_turn!r}")
+        if not isinstance(self.observation_chars, int) or self.observation_chars < 200:
+            raise ValueError(f"observation_chars: must be an integer >= 200, got {self.observation_chars!r}")
 
 
 @dataclass
@@ -105,7 +108,7 @@ def run_analysis(llm: BaseModel, question: str, files: list[str | Path], run_dir
             cell["figures"] = [str(Path(f).relative_to(run_dir)) for f in result.figures]
             transcript({"event": "cell", "code": code, **cell})
 
-        interpreter = ActionExecutor([SandboxInterpreter(sandbox, on_cell=on_cell)])
+        interpreter = ActionExecutor([SandboxInterpreter(sandbox, on_cell, config.observation_chars)])
         agent = PuyuAgent(llm, interpreter_executor=interpreter, max_turn=config.max_turn, recorder=transcript)
         messages = [dict(role="user", content=question)] + ([file_message(copies)] if copies else [])
         ret = agent.chat(messages, **gen_params)

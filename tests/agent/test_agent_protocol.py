@@ -144,3 +144,15 @@ def test_extract_code_from_fences():
     assert extract_code("```python\na = 1\n```\ntext\n```python\nb = 2\n```") == "a = 1\nb = 2"
     assert extract_code("print(1)") == "print(1)"
     assert extract_code("```python\nx = 1\n") == "x = 1"  # unterminated fence (reply cut by max tokens)
+
+
+def test_long_output_is_shortened_for_the_model_but_kept_whole_for_the_transcript(sandbox):
+    cells = []
+    interp = ActionExecutor([SandboxInterpreter(sandbox, on_cell=lambda code, r: cells.append(r),
+                                                observation_chars=1000)])
+    replies = ["x" + CODE.format("print('A' * 6000 + 'END')"), "done"]
+    agent = PuyuAgent(ReplayModel(replies), interpreter_executor=interp)
+    agent.chat("q")
+    observation = agent._llm.prompts[1].split("environment name=<|interpreter|>\n")[1]
+    assert "characters omitted" in observation and "END" in observation and len(observation) < 1200
+    assert cells[0].output.strip() == "A" * 6000 + "END"
