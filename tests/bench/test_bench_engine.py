@@ -10,7 +10,7 @@ from bench_servers import run_cli
 def test_engine_bench_exact_token_counts(internlm2_checkpoint, tmp_path):
     code, out, err = run_cli(["bench", "engine", str(internlm2_checkpoint), "--num-prompts", "6", "--input-len", "20",
                               "--output-len", "7", "--concurrency", "3", "--result-dir", str(tmp_path),
-                              "--label", "eng", "--no-progress", "--num-threads", "2"])
+                              "--label", "eng", "--no-progress", "--num-threads", "2", "--cache-max-entry-count", "64"])
     assert code == 0, out[-2000:] + err
     s = json.loads((tmp_path / "eng.json").read_text())
     assert s["backend"] == "puyu-engine" and s["completed"] == 6 and s["max_concurrency"] == 3
@@ -26,7 +26,7 @@ def test_engine_bench_exact_token_counts(internlm2_checkpoint, tmp_path):
 def test_engine_bench_shared_prefix_hits_the_prefix_cache(internlm2_checkpoint, tmp_path):
     code, out, err = run_cli(["bench", "engine", str(internlm2_checkpoint), "--dataset", "shared-prefix",
                               "--num-prompts", "6", "--num-groups", "1", "--prefix-len", "160", "--input-len", "8",
-                              "--output-len", "2", "--concurrency", "1", "--cache-block-seq-len", "16",
+                              "--output-len", "2", "--concurrency", "1", "--cache-block-seq-len", "16", "--cache-max-entry-count", "64",
                               "--result-dir", str(tmp_path), "--label", "pfx", "--no-progress", "--no-plots"])
     assert code == 0, out[-2000:] + err
     stats = json.loads((tmp_path / "pfx.json").read_text())["engine_stats"]
@@ -35,7 +35,8 @@ def test_engine_bench_shared_prefix_hits_the_prefix_cache(internlm2_checkpoint, 
 
 def test_latency_sweep(internlm2_checkpoint, tmp_path):
     code, out, err = run_cli(["bench", "latency", str(internlm2_checkpoint), "--input-len", "16", "--output-len", "5",
-                              "--batch", "1", "3", "--rounds", "2", "--result-dir", str(tmp_path), "--label", "lat"])
+                              "--batch", "1", "3", "--rounds", "2", "--result-dir", str(tmp_path), "--label", "lat",
+                              "--cache-max-entry-count", "64"])
     assert code == 0, out[-2000:] + err
     data = json.loads((tmp_path / "lat.json").read_text())
     assert [(r["batch"], r["completed"], r["failed"]) for r in data["rows"]] == [(1, 2, 0), (3, 6, 0)]

@@ -16,7 +16,8 @@ API_KEY = "bench-test-key"
 def puyu_server(internlm2_checkpoint, tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, "-m", "puyu.cli", "serve", str(internlm2_checkpoint), "--server-port", str(port),
-           "--model-name", "tiny-internlm2", "--api-keys", API_KEY, "--num-threads", "2", "--log-level", "warning"]
+           "--model-name", "tiny-internlm2", "--api-keys", API_KEY, "--num-threads", "2", "--log-level", "warning",
+           "--cache-max-entry-count", "64"]  # 64 KV blocks, not a fraction of the shared machine's RAM
     server = Server(cmd, port, tmp_path_factory.mktemp("puyu-serve") / "server.log", ready_path="/health")
     try:
         server.wait_ready()
