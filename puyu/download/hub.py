@@ -120,9 +120,7 @@ def download_huggingface(request: DownloadRequest) -> Path:
     state: dict = {"file": None, "target": None, "remote": None, "needed": None}
     try:
         return _download_huggingface(request, endpoint, state)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # noqa: BLE001 - translated below or re-raised
+    except Exception as exc:  # noqa: BLE001 - translated below or re-raised (Ctrl-C keeps the partial file)
         target, remote = state["target"], state["remote"]
         partial = (resume.partial_size(target), remote.size) if target is not None else None
         where = target.parent if target is not None else Path(request.local_dir or _storage_folder(request))

@@ -111,13 +111,12 @@ def file_gets(hub: str, name: str) -> list[dict]:
     return [r for r in requests_seen(hub) if r["method"] == "GET" and r["path"].endswith("/" + name)]
 
 
-def puyu(args: list[str], home: Path, endpoint: str | None, offline: bool = False) -> subprocess.CompletedProcess:
+def puyu(args: list[str], home: Path, endpoint: str | None) -> subprocess.CompletedProcess:
+    """`puyu ARGS` in a subprocess with its own Hugging Face home and HF_ENDPOINT=endpoint (unset if None)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HOME=str(home / "hf"), HF_HUB_DISABLE_TELEMETRY="1", PYTHONIOENCODING="utf-8")
     if endpoint:
         env["HF_ENDPOINT"] = endpoint
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run([sys.executable, "-m", "puyu.cli", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -157,7 +156,8 @@ def test_exclude_and_local_dir(clean_hub: str, mirror: Path, tmp_path: Path) -> 
 
 
 def test_revision_selects_the_tagged_commit(clean_hub: str, mirror: Path, tmp_path: Path) -> None:
-    path = printed_path(puyu(["download", REPO, "--revision", "v1.0", "--include", "config.json"], tmp_path, clean_hub))
+    args = ["download", REPO, "--revision", "v1.0", "--include", "config.json", "--endpoint", clean_hub]
+    path = printed_path(puyu(args, tmp_path, None))  # the mirror given as --endpoint instead of HF_ENDPOINT
     assert json.loads((path / "config.json").read_text())["puyu_test_revision"] == "v1.0"
     assert path.name == _git(mirror / "models" / REPO, "rev-parse", "v1.0")
 
