@@ -6,7 +6,8 @@ with 2 threads, and are measured by the same client (`puyu bench serve`, chat en
 concurrency with random token-exact prompts and forced output lengths (puyu: `ignore_eos`; transformers:
 `generation_config` with `eos_token_id: -1`, since it rejects `ignore_eos`).
 
-    .venv/bin/python benchmarks/serve_vs_transformers.py            # writes benchmarks/results/serve_vs_transformers.{json,png}
+    .venv/bin/python benchmarks/serve_vs_transformers.py --threads 1
+    # writes benchmarks/results/serve_vs_transformers.{json,png}
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def server_commands(args: argparse.Namespace, work: Path) -> dict[str, tuple[lis
                 "--num-threads", str(args.threads), "--dtype", "float32", "--log-level", "warning",
                 "--cache-block-seq-len", "64", "--cache-max-entry-count", str(args.kv_blocks)]
     tf_cmd = [str(exe / "transformers"), "serve", str(llama), "--continuous-batching", "--device", "cpu",
-              "--dtype", "float32", "--host", "127.0.0.1", "--cb-block-size", "64", "--cb-num-blocks", str(args.kv_blocks)]
+              "--dtype", "float32", "--host", "127.0.0.1", "--cb-block-size", "64",
+              "--cb-num-blocks", str(args.kv_blocks)]
     tf_extra = {"generation_config": json.dumps({"do_sample": False, "eos_token_id": -1})}
     return {"puyu": (puyu_cmd, internlm2, "/health", {"model": "internlm2-random", "ignore_eos": True}),
             "transformers": (tf_cmd, llama, "/health", {"model": str(llama), "ignore_eos": False,
@@ -151,7 +153,8 @@ def main() -> int:
     out = {
         "description": __doc__.strip().splitlines()[0],
         "setup": {"shape": SHAPE.__dict__, "vocab_size": vocab, "params": count_params(SHAPE, vocab),
-                  "dtype": "float32", "threads": args.threads, "kv_blocks_of_64_tokens": args.kv_blocks, "concurrency": args.concurrency,
+                  "dtype": "float32", "threads": args.threads, "kv_blocks_of_64_tokens": args.kv_blocks,
+                  "concurrency": args.concurrency,
                   "prompts_per_level": args.prompts_per_level, "input_len": args.input_len,
                   "range_ratio": args.range_ratio, "range_mode": "vllm", "output_len": args.output_len,
                   "endpoint": "chat", "num_warmups": args.num_warmups, "seed": args.seed,

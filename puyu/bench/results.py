@@ -55,8 +55,9 @@ def write_sweep(points: list[dict[str, Any]], x_key: str, result_dir: Path, labe
                 plots: bool = True) -> tuple[Path, Optional[Path]]:
     """The summaries of a sweep (without per-request arrays) and the throughput / p99 plot against x_key."""
     slim = [{k: v for k, v in p.items() if k not in ("input_lens", "output_lens", "environment")} for p in points]
-    path = write_json(result_dir / f"{label}.sweep.json", {"sweep": x_key, "formulas": FORMULAS, "points": slim,
-                                                          "environment": points[0].get("environment") if points else None})
+    env = points[0].get("environment") if points else None
+    path = write_json(result_dir / f"{label}.sweep.json",
+                      {"sweep": x_key, "formulas": FORMULAS, "points": slim, "environment": env})
     plot = None
     if plots and points:
         p_key = percentile_key(max(points[0].get("percentiles") or [99]))

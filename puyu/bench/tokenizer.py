@@ -1,32 +1,47 @@
 """The tokenizer the benchmark counts tokens with: the target model's, from a local directory or a model name.
 
-A name is resolved with `puyu.resolve.resolve_model_path` (puyu-tiny, a directory, or a registry entry already
-downloaded); nothing is fetched from a hub here unless the registry resolution does so explicitly.
+Order: an existing directory; puyu-tiny; a registry name or hub id already downloaded (`puyu download`); else the
+name is handed to transformers, which fetches only the tokenizer files (as vLLM does) unless HF_HUB_OFFLINE=1.
+A whole model is never downloaded just to count tokens.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+
+def _local_dir(name: str) -> Optional[Path]:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name == "puyu-tiny":
+        from puyu.tiny import puyu_tiny_path
+
+        return puyu_tiny_path()
+    try:
+        from puyu.download.remote import cached_model, request_for
+    except ImportError:
+        return None
+    try:
+        request = request_for(name)
+        return cached_model(request) if request is not None else None
+    except Exception:  # noqa: BLE001 - not a registry name: fall through to transformers
+        return None
 
 
 @lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str) -> Any:
-    """A transformers tokenizer; raises ValueError naming the argument when it cannot be loaded."""
+    """A transformers tokenizer; raises ValueError naming --tokenizer when it cannot be loaded."""
     from transformers import AutoTokenizer
 
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        from puyu.resolve import resolve_model_path
-
-        try:
-            path = resolve_model_path(name_or_path)
-        except (FileNotFoundError, ValueError) as exc:
-            raise ValueError(f"--tokenizer {name_or_path!r}: not a local model directory ({exc})") from None
+    local = _local_dir(name_or_path)
+    source = str(local) if local else name_or_path
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=True)
+        return AutoTokenizer.from_pretrained(source, local_files_only=local is not None, trust_remote_code=True)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"--tokenizer {name_or_path!r}: cannot load a tokenizer from {path} ({exc})") from None
+        where = f"from {local}" if local else "(not a local directory or a downloaded model)"
+        raise ValueError(f"--tokenizer {name_or_path!r}: cannot load a tokenizer {where}: {exc}") from None
 
 
 def count_tokens(tokenizer: Any, text: str) -> int:

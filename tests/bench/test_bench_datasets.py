@@ -1,4 +1,5 @@
-"""Datasets with the target's real tokenizer: token-exact random prompts, range modes, ShareGPT, shared prefix, JSONL."""
+"""Datasets with the target's real tokenizer: token-exact random prompts, range modes, ShareGPT, shared prefix,
+JSONL."""
 from __future__ import annotations
 
 import json

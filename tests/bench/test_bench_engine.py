@@ -26,7 +26,8 @@ def test_engine_bench_exact_token_counts(internlm2_checkpoint, tmp_path):
 def test_engine_bench_shared_prefix_hits_the_prefix_cache(internlm2_checkpoint, tmp_path):
     code, out, err = run_cli(["bench", "engine", str(internlm2_checkpoint), "--dataset", "shared-prefix",
                               "--num-prompts", "6", "--num-groups", "1", "--prefix-len", "160", "--input-len", "8",
-                              "--output-len", "2", "--concurrency", "1", "--cache-block-seq-len", "16", "--cache-max-entry-count", "64",
+                              "--output-len", "2", "--concurrency", "1", "--cache-block-seq-len", "16",
+                              "--cache-max-entry-count", "64",
                               "--result-dir", str(tmp_path), "--label", "pfx", "--no-progress", "--no-plots"])
     assert code == 0, out[-2000:] + err
     stats = json.loads((tmp_path / "pfx.json").read_text())["engine_stats"]
