@@ -9,7 +9,7 @@ import asyncio
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, TextIO
 
 from ..config import GenerationConfig
 

@@ -9,12 +9,12 @@ from fastapi.responses import JSONResponse, Response
 
 from ..tiny import INTERNLM2_CHAT_TEMPLATE
 from ..tokenizer import render_chat
-from .errors import APIError
+from .errors import engine_failure
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest
 from .responses import (SSE_DONE, ChoiceState, chat_logprobs, new_id, now, run_until_disconnect, sse, sse_response,
                         usage)
-from .runner import Job, merged, start
+from .runner import Job, collect, merged, start
 from .tools import ParsedReply, ToolStreamParser, forced_prefix, parse_reply, strip_end_markers, to_internlm2_messages
 
 
@@ -76,12 +76,7 @@ class ChatCompletion:
         return state.finish_reason
 
     async def _whole(self, streams: list) -> JSONResponse:
-        states = {s.index: ChoiceState() for s in streams}
-        async for index, out in merged(streams):
-            states[index].add(out)
-        errors = [s.error or "unknown engine error" for s in states.values() if s.finish_reason == "error"]
-        if errors:
-            raise APIError(500, f"the engine failed on this request: {errors[0]}", code="engine_error")
+        states = await collect(streams)
         choices = []
         for index, state in sorted(states.items()):
             parsed = self._parse(state)
@@ -128,8 +123,7 @@ class ChatCompletion:
             self.metrics.aborted.inc()
             raise
         except Exception as exc:  # an engine failure mid-stream ends this stream only
-            yield sse(APIError(500, f"the engine failed on this request: {type(exc).__name__}: {exc}",
-                               code="engine_error").body())
+            yield sse(engine_failure(f"{type(exc).__name__}: {exc}").body())
             yield SSE_DONE
             return
         if self.req.include_usage:
@@ -153,8 +147,7 @@ class ChatCompletion:
         if out.finish_reason is None:
             return chunks
         if out.finish_reason == "error":
-            err = APIError(500, f"the engine failed on this request: {state.error or 'unknown error'}",
-                           code="engine_error")
+            err = engine_failure(state.error or "unknown error")
             chunks.append(self._chunk([self._delta(index, {}, "error")]))
             chunks.append(sse(err.body()))
             return chunks

@@ -72,10 +72,12 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from ..config import GenerationConfig
     from .chat import ChatPersona, TerminalChat, find_persona
+    from .protocol import MIN_TEMPERATURE
 
     persona = find_persona(args.persona) if args.persona else ChatPersona(system=args.system or "")
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                           temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
+    sample = args.temperature >= MIN_TEMPERATURE
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
+                           temperature=args.temperature if sample else 1.0, top_p=args.top_p,
                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, random_seed=args.seed)
     engine, _ = _engine(args)
     try:

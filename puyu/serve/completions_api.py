@@ -7,12 +7,12 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from .errors import APIError
+from .errors import APIError, engine_failure
 from .metrics import ServerMetrics
 from .protocol import CompletionRequest
 from .responses import (SSE_DONE, ChoiceState, completion_logprobs, new_id, now, run_until_disconnect, sse,
                         sse_response, usage)
-from .runner import Job, merged, start
+from .runner import Job, collect, merged, start
 
 
 class Completion:
@@ -62,12 +62,7 @@ class Completion:
         return completion_logprobs(self.engine.tokenizer, ids, lps, self.req.logprobs, offset)
 
     async def _whole(self, streams: list) -> JSONResponse:
-        states = {s.index: ChoiceState() for s in streams}
-        async for index, out in merged(streams):
-            states[index].add(out)
-        errors = [s.error or "unknown engine error" for s in states.values() if s.finish_reason == "error"]
-        if errors:
-            raise APIError(500, f"the engine failed on this request: {errors[0]}", code="engine_error")
+        states = await collect(streams)
         choices = []
         for index, state in sorted(states.items()):
             echo = self._echo(index)
@@ -105,16 +100,14 @@ class Completion:
                 offsets[index] += len(text)
                 if out.finish_reason == "error":
                     yield self._chunk(index, text, "error")
-                    yield sse(APIError(500, f"the engine failed on this request: {state.error or 'unknown error'}",
-                                       code="engine_error").body())
+                    yield sse(engine_failure(state.error or "unknown error").body())
                 elif text or lps or out.finish_reason:
                     yield self._chunk(index, text, out.finish_reason, lps)
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.aborted.inc()
             raise
         except Exception as exc:  # an engine failure mid-stream ends this stream only
-            yield sse(APIError(500, f"the engine failed on this request: {type(exc).__name__}: {exc}",
-                               code="engine_error").body())
+            yield sse(engine_failure(f"{type(exc).__name__}: {exc}").body())
             yield SSE_DONE
             return
         if self.req.include_usage:

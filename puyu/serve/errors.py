@@ -34,6 +34,11 @@ def bad_request(message: str, param: Optional[str] = None, code: str = "invalid_
 MESSAGE_TAGS = ("system", "developer", "user", "assistant", "tool")
 
 
+def engine_failure(detail: str) -> APIError:
+    """A request the engine could not finish (the server and the other requests go on)."""
+    return APIError(500, f"the engine failed on this request: {detail}", code="engine_error")
+
+
 def _loc(loc: Sequence[Any]) -> str:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
     out, prev = "", None

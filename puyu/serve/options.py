@@ -3,10 +3,9 @@ and the `--config FILE` that can hold them. Options given on the command line wi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..config import ConfigError, EngineConfig
 
@@ -78,12 +77,3 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         raise ValueError(f"{where}{exc}") from None
     except TypeError as exc:
         raise ValueError(f"{args.config or 'engine options'}: {exc}") from None
-
-
-def known_engine_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(EngineConfig)]
-
-
-def describe(config: EngineConfig, backend: str, model: Optional[str]) -> str:
-    return (f"{backend} backend, model {model or 'puyu-tiny'}, quant_policy {config.quant_policy}, "
-            f"device {config.device}")

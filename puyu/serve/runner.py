@@ -14,8 +14,9 @@ from typing import Any, AsyncIterator, Optional, Sequence
 import anyio
 
 from ..config import ConfigError, GenerationConfig
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, engine_failure
 from .metrics import RequestTimer, ServerMetrics
+from .responses import ChoiceState
 
 
 @dataclass
@@ -70,7 +71,7 @@ def engine_error(exc: BaseException, prompt_field: str = "messages") -> APIError
     if isinstance(exc, ValueError):  # PromptTooLongError is one: its message holds both lengths
         code = "context_length_exceeded" if type(exc).__name__ == "PromptTooLongError" else "invalid_value"
         return bad_request(str(exc), prompt_field if code == "context_length_exceeded" else None, code)
-    return APIError(500, f"the engine failed on this request: {type(exc).__name__}: {exc}", code="engine_error")
+    return engine_failure(f"{type(exc).__name__}: {exc}")
 
 
 async def start(engine: Any, jobs: Sequence[Job], request_id: str, metrics: ServerMetrics,
@@ -140,3 +141,14 @@ async def merged(streams: list[ChoiceStream]) -> AsyncIterator[tuple[int, Any]]:
             await asyncio.wait(tasks)  # an iterator cannot be closed while its pump is still inside it
         for s in streams:
             await s.close()
+
+
+async def collect(streams: list[ChoiceStream]) -> dict[int, ChoiceState]:
+    """Run the streams to the end (for a whole, non-streamed answer); an engine error fails the call with a 500."""
+    states = {s.index: ChoiceState() for s in streams}
+    async for index, out in merged(streams):
+        states[index].add(out)
+    for state in states.values():
+        if state.finish_reason == "error":
+            raise engine_failure(state.error or "unknown error")
+    return states

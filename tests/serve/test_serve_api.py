@@ -114,6 +114,12 @@ def test_serve_chat_n_and_logprobs(client):
     assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices)
 
 
+def test_serve_tiny_temperature_is_greedy_not_an_overflow(client):
+    greedy = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0)
+    tiny = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=5e-324, top_p=5e-324)
+    assert tiny.choices[0].text == greedy.choices[0].text
+
+
 def test_serve_stop_and_seed(client):
     first = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=12, temperature=0)
     text = first.choices[0].message.content
@@ -155,6 +161,9 @@ def test_serve_errors_have_openai_shape_and_status(server, engine):
     assert_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "logit_bias": {"1": 5},
                                                             "functions": [{}]}), 400, "logit_bias", "functions")
     assert_error(raw_post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3}), 400, "best_of")
+    # found by fuzzing: a denormal penalty overflowed the logits inside the engine (a 500 for every running request)
+    assert_error(raw_post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 5e-324}),
+                 400, param="repetition_penalty")
     assert_error(raw_post(server, "/v1/completions", {"model": MODEL, "prompt": [5, 10 ** 6]}), 400, "out of range")
     long_text = "hello " * 400
     n_tokens = len(engine.tokenizer.encode(long_text))
