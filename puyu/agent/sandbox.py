@@ -104,6 +104,7 @@ class Sandbox:
         self._proc: Optional[subprocess.Popen] = None
         self._control: Optional[int] = None
         self._cells = 0
+        self._closed = False
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------- lifecycle
@@ -118,6 +119,8 @@ class Sandbox:
         """Start the worker if it is not running; returns the isolation report."""
         if self._proc is not None:
             return self.isolation
+        if self._closed:
+            raise SandboxError("the sandbox is closed")
         read_fd, write_fd = os.pipe()
         cfg = {"control_fd": write_fd, "workdir": str(self.workdir), "figures_dir": str(self.figures_dir),
                "writable": [str(self.workdir), str(self.figures_dir), str(self._tmp)],
@@ -163,6 +166,7 @@ class Sandbox:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._kill()
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -210,6 +214,7 @@ class _CellWaiter:
         self.sb, self.cell, self.cfg, self.timeout_s = sandbox, cell, sandbox.config, timeout_s
         self.out_fd = sandbox._proc.stdout.fileno()
         self.output = bytearray()
+        self.out_open = True  # until the worker's stdout reaches EOF (user code may close fd 1)
         self.total = 0
         self.control = b""
         self.start = time.monotonic()
@@ -223,7 +228,8 @@ class _CellWaiter:
                 self._interrupt("timeout")
             if self.kill_at is not None and now > self.kill_at:
                 return self._finish_dead(self.reason or "timeout")
-            ready, _, _ = select.select([self.sb._control, self.out_fd], [], [], 0.05)
+            fds = [self.sb._control] + ([self.out_fd] if self.out_open else [])
+            ready, _, _ = select.select(fds, [], [], 0.05)
             if self.out_fd in ready:
                 self._read_output()
             if self.sb._control in ready:
@@ -247,6 +253,7 @@ class _CellWaiter:
 
     def _read_output(self) -> bool:
         chunk = os.read(self.out_fd, 65536)
+        self.out_open = bool(chunk)
         self.total += len(chunk)
         room = self.cfg.output_limit_bytes - len(self.output)
         if room > 0:
@@ -258,7 +265,8 @@ class _CellWaiter:
     def _drain_output(self) -> None:
         """Read what is already in the pipe (bounded: a process that escaped the group may keep writing)."""
         deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and select.select([self.out_fd], [], [], 0)[0] and self._read_output():
+        while self.out_open and time.monotonic() < deadline and select.select([self.out_fd], [], [], 0)[0] \
+                and self._read_output():
             pass
 
     def _interrupt(self, reason: str) -> None:

@@ -289,8 +289,11 @@ def main():
         start = time.monotonic()
         error = run_cell(request["code"], namespace, figures)
         figures.save_open_figures()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # user code closed or replaced it
+                pass
         result = {"cell": request["cell"], "error": error, "figures": figures.saved,
                   "duration_s": round(time.monotonic() - start, 4)}
         control.write(json.dumps(result) + "\n")

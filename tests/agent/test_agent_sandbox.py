@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from puyu.agent.sandbox import Sandbox, SandboxConfig, copy_input_files
+from puyu.agent.sandbox import Sandbox, SandboxConfig, SandboxError, copy_input_files
 
 # Cells get a generous limit (a loaded CI machine must not fail them); the timeout tests pass a short one per cell.
 FAST = SandboxConfig(timeout_s=120, interrupt_grace_s=10, memory_mb=768, output_limit_bytes=4000)
@@ -229,3 +229,14 @@ def test_reads_outside_system_paths_and_the_run_folder_are_denied(tmp_path, monk
     assert theirs.error.startswith("PermissionError") and "token" not in theirs.output
     assert environ.error.startswith("PermissionError") and "s3cr3t" not in environ.output
     assert ours.status == "ok" and ours.output.strip() == "True"
+
+
+def test_closing_stdout_and_a_closed_sandbox(tmp_path):
+    sb = Sandbox(tmp_path / "w", config=FAST)
+    r = sb.run("import os\nprint('bye')\nos.close(1)\nos.close(2)\nx = 5")
+    assert r.status == "ok" and not r.restarted
+    r = sb.run("y = x + 1")  # no output any more, but the interpreter and its state still work
+    assert r.status == "ok" and not r.restarted
+    sb.close()
+    with pytest.raises(SandboxError, match="closed"):
+        sb.run("1")
