@@ -1,7 +1,8 @@
 """Data-analysis runs for the web UI: one `puyu.agent` run per question, in a folder of the browser session's own.
 
 The agent runs in a worker thread (Lagent is synchronous) and writes its transcript as JSONL; the page follows that
-file, so every step (thought, code cell, output, error, figure, answer) shows as soon as the runner records it.
+file, so every step (thought, code cell, output, error, figure, answer) shows as soon as the runner records it, and
+the model turn being generated is shown as it streams.
 Every run gets a fresh sandboxed interpreter, and each browser session its own folder, so two sessions never share
 files or interpreter state.
 """
@@ -15,7 +16,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from ..agent.runner import RunConfig, run_analysis
 from .backends import ChatBackend, EngineBackend, OpenAIBackend
@@ -81,6 +82,26 @@ def _shared(build: Callable[[], Any]) -> ModelFactory:
     return get
 
 
+class LiveTap:
+    """Wraps the run's Lagent model and keeps the text of the turn being generated, so the page can show a model
+    turn while it streams (the transcript only gets it once the turn is complete). Everything else is delegated."""
+
+    def __init__(self, model: Any):
+        self._model = model
+        self.text = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def stream_chat(self, *args: Any, **kwargs: Any) -> Iterator[tuple]:
+        try:
+            for status, text, extra in self._model.stream_chat(*args, **kwargs):
+                self.text = text
+                yield status, text, extra
+        finally:
+            self.text = ""
+
+
 def zip_run(run_dir: Path) -> Path:
     """`run-NNN.zip` next to the folder, holding `run-NNN/` (transcript, report, figures, work files)."""
     return Path(shutil.make_archive(str(run_dir), "zip", root_dir=run_dir.parent, base_dir=run_dir.name))
@@ -104,22 +125,28 @@ async def follow_run(service: AnalysisService, question: str, files: list[str],
     """Start the run in a thread and yield its transcript events as they are written. A failure before or outside
     the agent loop (a bad file, a model that cannot be built) arrives as a final `{"event": "ui_error"}`."""
     outcome: dict[str, Any] = {}
+    tap: list[LiveTap] = []
 
     def work() -> None:
         try:
-            outcome["result"] = run_analysis(service.make_model(), question, files, run_dir, service.run_config,
+            tap.append(LiveTap(service.make_model()))
+            outcome["result"] = run_analysis(tap[0], question, files, run_dir, service.run_config,
                                              **service.gen_params)
         except Exception as exc:  # shown in the page
             outcome["error"] = f"{type(exc).__name__}: {exc}"
 
     thread = threading.Thread(target=work, name=f"puyu-webui-{run_dir.name}", daemon=True)
     thread.start()
-    transcript, offset = run_dir / "transcript.jsonl", 0
+    transcript, offset, shown = run_dir / "transcript.jsonl", 0, ""
     while True:
         alive = thread.is_alive()
         events, offset = _read_new_lines(transcript, offset)
         for event in events:
             yield event
+        live = tap[0].text if tap and alive else ""
+        if live != shown:  # the turn in progress ("" once it is complete and recorded)
+            shown = live
+            yield {"event": "partial", "text": live}
         if not alive:
             break
         if not events:

@@ -7,7 +7,7 @@ import gradio as gr
 
 from .analysis import AnalysisService, AnalysisSession, follow_run, zip_run
 from .chat import format_error
-from .steps import render_event, run_summary
+from .steps import render_event, render_partial, run_summary
 
 CONCURRENCY = 8
 
@@ -43,13 +43,17 @@ def build_analysis_tab(service: AnalysisService) -> None:
         messages: list[dict] = []
         summary, problem = "running…", ""
         yield messages, session, summary, problem, hidden
+        partial: list[dict] = []
         async for event in follow_run(service, text, list(paths or []), run_dir):
-            if event["event"] == "run_end":
+            if event["event"] == "partial":
+                partial = render_partial(event["text"])
+            elif event["event"] == "run_end":
                 summary = run_summary(event)
             elif event["event"] == "ui_error":
                 summary, problem = "failed", format_error(event["message"])
-            messages = messages + render_event(event, run_dir)
-            yield messages, session, summary, problem, hidden
+            if event["event"] != "partial":
+                messages = messages + render_event(event, run_dir)
+            yield messages + partial, session, summary, problem, hidden
         if (run_dir / "transcript.jsonl").exists():
             yield messages, session, summary, problem, gr.DownloadButton(value=str(zip_run(run_dir)), visible=True)
 

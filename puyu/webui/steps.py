@@ -57,6 +57,17 @@ def render_event(e: dict, run_dir: Path) -> list[Message]:
     return []
 
 
+def render_partial(text: str) -> list[Message]:
+    """The model turn still being generated: its thought so far, and the code of a call as it is written."""
+    if not text:
+        return []
+    thought, calls = split_calls(text)
+    out = [_note("Thinking …", clean(thought) or "…")]
+    for _, body in calls:
+        out.append(_note("Writing code …", fence(clean(body).removeprefix("```python").strip("`\n"), "python")))
+    return out
+
+
 def run_summary(e: dict) -> str:
     """The status line for a `run_end` event."""
     usage = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in (e.get("usage") or {}).items())

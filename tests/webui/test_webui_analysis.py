@@ -2,6 +2,7 @@
 folder) driven by the agent's recorded model, since a tiny random model writes no useful code."""
 from __future__ import annotations
 
+import threading
 import zipfile
 from pathlib import Path
 
@@ -43,6 +44,24 @@ REPLIES = [
 ]
 
 
+class PausingReplay(ReplayModel):
+    """The recorded model, which can pause inside its first reply (after the thought, in the middle of the code)
+    until the test has seen that much in the page."""
+
+    pause: "threading.Event | None" = None
+    paused = threading.Event()
+
+    def _stream(self, prompt, params):
+        sent = 0
+        for chunk in super()._stream(prompt, params):
+            yield chunk
+            sent += len(chunk)
+            if self.pause is not None and len(self.prompts) == 1 and sent >= REPLIES[0].index("read_csv"):
+                PausingReplay.paused.set()
+                self.pause.wait(60)
+                PausingReplay.pause = None
+
+
 class NoChat:
     """The chat tab is not under test here; this backend says so if it is used."""
 
@@ -63,7 +82,7 @@ def write_csv(path: Path, rows: list[tuple[str, int]]) -> Path:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     runs = tmp_path_factory.mktemp("webui-runs")
-    service = AnalysisService(lambda: ReplayModel(list(REPLIES)), runs, description="replay")
+    service = AnalysisService(lambda: PausingReplay(list(REPLIES)), runs, description="replay")
     with running_app(NoChat(), AppConfig(analysis=service)) as url:
         yield url, runs
 
@@ -139,3 +158,23 @@ def test_two_sessions_have_separate_files_runs_and_interpreters(app, page_factor
     by_file = {name: session for session, items in folders.items() for _, name in items}
     assert folders[by_file["alpha.csv"]] == {("run-001", "alpha.csv"), ("run-002", "alpha.csv")}
     assert folders[by_file["beta.csv"]] == {("run-001", "beta.csv")}
+
+
+def test_a_model_turn_shows_while_it_streams(app, page_factory, tmp_path):
+    url, _ = app
+    page = page_factory(url)
+    release = threading.Event()
+    PausingReplay.paused.clear()
+    PausingReplay.pause = release
+    try:
+        run_analysis_in(page, write_csv(tmp_path / "live.csv", [("Jan", 5)]), "Total?")
+        assert PausingReplay.paused.wait(60), "the model never started"
+        expect(steps(page)).to_contain_text("Thinking")
+        expect(steps(page)).to_contain_text("Let me load the file")
+        expect(steps(page)).to_contain_text("glob.glob")  # the code as far as it is written
+        expect(page.locator("#analysis-status")).to_contain_text("running")
+    finally:
+        release.set()
+    expect(page.locator("#analysis-status")).to_contain_text("answered")
+    expect(steps(page)).not_to_contain_text("Thinking")
+    expect(steps(page)).to_contain_text("total sales: 5")

@@ -8,9 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from playwright.sync_api import expect
 
-from conftest import DOCS, Recording, running_app
+from conftest import DOCS, Recording, running_app, upload
 from puyu.config import EngineConfig
 from puyu.engine import AsyncEngine
+from puyu.agent.runner import RunConfig
+from puyu.webui.analysis import AnalysisService
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import EngineBackend
 from puyu.webui.personas import PLAIN, Persona
@@ -27,15 +29,18 @@ def letters(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def engine_backend(internlm2_checkpoint):
-    backend = EngineBackend(AsyncEngine(internlm2_checkpoint, EngineConfig(session_len=512, cache_max_entry_count=64)))
+    backend = EngineBackend(AsyncEngine(internlm2_checkpoint, EngineConfig(session_len=1024, cache_max_entry_count=64)))
     yield backend
     backend.close()
 
 
 @pytest.fixture(scope="module")
-def app(engine_backend):
+def app(engine_backend, tmp_path_factory):
     rec = Recording(engine_backend)
-    with running_app(rec, AppConfig(personas=[PLAIN, BAJIE], chat_defaults=GREEDY)) as url:
+    # the data-analysis agent on the same engine (a random model's turns are noise, but they are real turns)
+    agent = AnalysisService.for_backend(engine_backend, tmp_path_factory.mktemp("runs"))
+    agent.run_config, agent.gen_params = RunConfig(max_turn=2), {"max_new_tokens": 16}
+    with running_app(rec, AppConfig(personas=[PLAIN, BAJIE], chat_defaults=GREEDY, analysis=agent)) as url:
         yield url, rec
 
 
@@ -168,12 +173,12 @@ def test_stop_regenerate_and_clear(chat, engine_backend):
 
 def test_backend_error_is_shown_in_the_page(chat):
     page, rec = chat
-    send(page, "hello " * 400)  # far longer than session_len 512
-    expect(page.locator("#chat-error")).to_contain_text("longer than session_len 512")
+    send(page, "hello " * 500)  # far longer than session_len 1024
+    expect(page.locator("#chat-error")).to_contain_text("longer than session_len 1024")
     expect(bot_messages(page)).to_have_count(0)
     # the failed message is handed back for editing, not kept in the history
     expect(page.locator("#chat-history [data-testid='user']")).to_have_count(0)
-    expect(page.locator("#chat-input textarea")).to_have_value(("hello " * 400).strip())
+    expect(page.locator("#chat-input textarea")).to_have_value(("hello " * 500).strip())
     # the page keeps working after the error, and the error goes away
     send(page, "Hello")
     expect(page.locator("#chat-status")).to_contain_text("finish:")
@@ -195,3 +200,19 @@ def test_two_sessions_keep_separate_histories(chat, page_factory, app):
     expect(page_b.locator("#chat-history")).not_to_contain_text("fox")
     third = rec.requests[2][0]
     assert [m["content"] for m in third if m["role"] == "user"] == ["The quick brown fox", "jumps over the lazy dog"]
+
+
+def test_agent_runs_on_the_same_engine(chat, engine_backend, tmp_path):
+    page, rec = chat
+    csv = tmp_path / "numbers.csv"
+    csv.write_text("x,y\n1,2\n3,4\n")
+    upload(page, csv)
+    generated = engine_backend.engine.stats()["tokens_generated"]
+    page.locator("#analysis-question textarea").fill("What is the mean of y?")
+    page.locator("#analysis-run").click()
+    expect(page.locator("#analysis-status")).to_contain_text("model turn(s)")
+    status = page.locator("#analysis-status").inner_text()
+    assert re.search(r"(answered|max_turns) · [12] model turn", status), status
+    assert "prompt tokens" in status  # usage reported by the engine-backed model
+    assert rec.requests == []  # the agent talks to the engine directly, not through the chat backend
+    assert engine_backend.engine.stats()["tokens_generated"] > generated
