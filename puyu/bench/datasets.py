@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .report import read_json
+
 RANGE_MODES = ("vllm", "sglang")
 DATASETS = ("random", "sharegpt", "shared-prefix", "jsonl")
 # ShareGPT filter (LMDeploy / vLLM): prompts of 4..1024 tokens, prompt + output <= 2048, outputs of >= 4 tokens.
@@ -123,19 +125,10 @@ def shared_prefix_dataset(cfg: DatasetConfig, tokenizer: Any) -> list[SampleRequ
     return samples
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--dataset-path {path}: no such file") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--dataset-path {path}: not valid JSON ({exc})") from None
-
-
 def sharegpt_dataset(cfg: DatasetConfig, tokenizer: Any, fixed_output_len: Optional[int] = None) -> list[SampleRequest]:
     """Turn 0 is the prompt, turn 1's token count the output length (unless fixed); LMDeploy's length filter."""
     path = Path(cfg.path or "")
-    data = _read_json(path)
+    data = read_json(path, "--dataset-path")
     if not isinstance(data, list):
         raise ValueError(f"--dataset-path {path}: expected a JSON list of {{'conversations': [...]}} entries")
     convs = [d["conversations"] for d in data if isinstance(d, dict) and len(d.get("conversations") or []) >= 2]

@@ -46,14 +46,16 @@ def write_jsonl(path: Path, records: Sequence[RequestRecord], include_text: bool
     return path
 
 
-def read_json(path: Path | str) -> dict[str, Any]:
+def read_json(path: Path | str, option: str = "") -> Any:
+    """Parsed JSON; errors name the file (and the option it came from, e.g. '--dataset-path')."""
     path = Path(path)
+    where = f"{option} {path}" if option else str(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such result file") from None
+        raise FileNotFoundError(f"{where}: no such file") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not a JSON result file ({exc})") from None
+        raise ValueError(f"{where}: not valid JSON ({exc})") from None
 
 
 def format_table(summary: dict[str, Any], title: str = "Serving Benchmark Result") -> str:
