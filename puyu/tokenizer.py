@@ -60,8 +60,8 @@ class _FastBackend:
         return self.tok.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens,
-                               clean_up_tokenization_spaces=False)
+        # the Rust tokenizer directly: transformers' wrapper costs more than the decode itself on the hot path
+        return self.tok.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> Optional[int]:
         i = self.tok.convert_tokens_to_ids(token)

@@ -16,52 +16,60 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.device = model.device
 
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
     def run(self, step: list[ScheduledSeq]) -> torch.Tensor:
-        """float32 logits `[S, vocab]`, one row per scheduled sequence whose chunk completes it, in step order."""
+        """float32 logits `[S, vocab]`, one row per scheduled sequence whose chunk completes it, in step order.
+
+        The per-token bookkeeping is built in plain Python lists and turned into one tensor each (a step over many
+        sequences would otherwise create many tiny tensors, and on cuda each would be its own copy).
+        """
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        write_slots: list[torch.Tensor] = []
-        batch = AttentionBatch(write_slots=torch.empty(0, dtype=torch.int64))
+        positions: list[int] = []
+        write_slots: list[int] = []
+        prefills: list[PrefillChunk] = []
         decode_rows: list[int] = []
         decode_items: list[ScheduledSeq] = []
         logit_rows: list[int] = []
         seq_lens: list[tuple[int, int]] = []
+        dev = self.device
         for item in step:
             seq, start, n = item.seq, item.start, item.num_tokens
             row = len(ids)
             ids.extend(seq.token_at(start, start + n))
-            positions.append(torch.arange(start, start + n, dtype=torch.int64))
-            write_slots.append(slots_for(seq.block_table, start, start + n, self.block_size))
+            positions.extend(range(start, start + n))
+            write_slots.extend(self._slots(seq.block_table, start, start + n))
             seq_lens.append((n, start + n))
             if n == 1 and start > 0:
                 decode_rows.append(row)
                 decode_items.append(item)
             else:
-                ctx = slots_for(seq.block_table, 0, start + n, self.block_size, self.device)
-                batch.prefills.append(PrefillChunk(row, n, start, ctx))
+                ctx = slots_for(seq.block_table, 0, start + n, self.block_size, dev)
+                prefills.append(PrefillChunk(row, n, start, ctx))
             if item.completes:
                 logit_rows.append(row + n - 1)
-        dev = self.device
-        batch.write_slots = torch.cat(write_slots).to(dev)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
+        batch = AttentionBatch(write_slots=as_tensor(write_slots), prefills=prefills)
         if decode_items:
             batch.decode = self._decode_batch(decode_items, decode_rows)
-        return self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev), torch.cat(positions).to(dev),
-                                  batch, self.cache, torch.tensor(logit_rows, dtype=torch.int64, device=dev),
+        return self.model.forward(as_tensor(ids), as_tensor(positions), batch, self.cache, as_tensor(logit_rows),
                                   seq_lens)
 
     def _decode_batch(self, items: list[ScheduledSeq], rows: list[int]) -> DecodeBatch:
         """Context slots of all single-token sequences, padded to the longest context, and the padding mask."""
-        lens = torch.tensor([it.start + 1 for it in items], dtype=torch.int64)
-        max_len = int(lens.max())
+        lens = [it.start + 1 for it in items]
+        max_len = max(lens)
         max_blocks = -(-max_len // self.block_size)
-        table = torch.zeros(len(items), max_blocks, dtype=torch.int64)
-        for b, it in enumerate(items):
-            blocks = it.seq.block_table[:max_blocks]
-            table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
-        pos = torch.arange(max_len, dtype=torch.int64)
-        slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
-        mask = pos[None, :] < lens[:, None]
-        slots = torch.where(mask, slots, torch.zeros_like(slots))
+        table = [it.seq.block_table[:max_blocks] + [0] * (max_blocks - len(it.seq.block_table[:max_blocks]))
+                 for it in items]
         dev = self.device
-        return DecodeBatch(rows=torch.tensor(rows, dtype=torch.int64, device=dev), ctx_slots=slots.reshape(-1).to(dev),
-                           mask=mask[:, None, None, :].to(dev), max_len=max_len)
+        table_t = torch.tensor(table, dtype=torch.int64, device=dev)
+        lens_t = torch.tensor(lens, dtype=torch.int64, device=dev)
+        pos = torch.arange(max_len, dtype=torch.int64, device=dev)
+        slots = table_t[:, pos // self.block_size] * self.block_size + pos % self.block_size
+        mask = pos[None, :] < lens_t[:, None]
+        slots = torch.where(mask, slots, torch.zeros_like(slots))
+        return DecodeBatch(rows=torch.tensor(rows, dtype=torch.int64, device=dev), ctx_slots=slots.reshape(-1),
+                           mask=mask[:, None, None, :], max_len=max_len)
