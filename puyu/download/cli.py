@@ -8,7 +8,7 @@ from typing import Optional
 
 from .hub import SOURCES, DownloadRequest, download
 from .registry import ModelEntry, load_registry, lookup
-from .remote import request_for
+from .remote import local_copy, request_for
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "huggingface for a repository id)")
     p.set_defaults(func=run_download)
 
-    m = subparsers.add_parser("models", help="list the models of the registry (configs/models/*.yaml)")
+    m = subparsers.add_parser("models", help="list the models of the registry (configs/models/*.yaml)",
+                              description="List the registry; LOCAL says whether a complete copy is already here "
+                                          "(found without asking any hub).")
     m.add_argument("name", nargs="?", help="show one model in full")
     m.add_argument("--json", action="store_true", help="machine-readable output")
     m.set_defaults(func=run_models)
@@ -55,10 +57,12 @@ def run_download(args: argparse.Namespace) -> int:
 
 def _row(e: ModelEntry) -> list[str]:
     repo = "(built in)" if e.builtin else e.repos.get(e.default_source, "")
-    return [e.name, e.display_name, e.params, e.architecture, repo, "yes" if e.persona else ""]
+    return [e.name, e.display_name, e.params, e.architecture, repo, "yes" if e.persona else "",
+            "yes" if local_copy(e) else ""]
 
 
 def _details(e: ModelEntry) -> str:
+    local = local_copy(e)
     lines = [f"{e.name}: {e.display_name} ({e.params} parameters)", f"  {e.description}",
              f"  architecture: {e.architecture}   chat template: {e.chat_template}   "
              f"context: {e.context_length or '?'}"]
@@ -71,6 +75,7 @@ def _details(e: ModelEntry) -> str:
         lines += [f"  system prompt: {e.persona.system}", f"  greeting: {e.persona.greeting}"]
     if e.notes:
         lines.append(f"  notes: {e.notes}")
+    lines.append(f"  local copy: {local or '(none: downloaded on first use)'}")
     lines.append(f"  file: {e.source_file}")
     return "\n".join(lines)
 
@@ -78,7 +83,8 @@ def _details(e: ModelEntry) -> str:
 def _as_dict(e: ModelEntry) -> dict:
     from dataclasses import asdict
 
-    return asdict(e)
+    local = local_copy(e)
+    return {**asdict(e), "local_path": str(local) if local else None}
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -90,7 +96,7 @@ def run_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_as_dict(e) for e in registry.values()], ensure_ascii=False, indent=2))
         return 0
-    rows = [["NAME", "MODEL", "PARAMS", "ARCHITECTURE", "REPOSITORY", "PERSONA"]] + [_row(e) for e in registry.values()]
+    rows = [["NAME", "MODEL", "PARAMS", "ARCHITECTURE", "REPOSITORY", "PERSONA", "LOCAL"]] + [_row(e) for e in registry.values()]
     widths = [max(_width(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c + " " * (w - _width(c)) for c, w in zip(r, widths)).rstrip())

@@ -80,6 +80,17 @@ def cached_model(request: DownloadRequest) -> Optional[Path]:
     return cached if cached is not None and is_complete_model(cached) else None
 
 
+def local_copy(entry: ModelEntry) -> Optional[Path]:
+    """Where `entry` already is on this machine (complete), without building or downloading anything."""
+    if entry.builtin:
+        from ..tiny import cache_root
+
+        path = cache_root() / "models" / entry.name
+        return path if is_complete_model(path) else None
+    request = request_for(entry.name, registry={entry.name: entry}, prefer_safetensors=True)
+    return cached_model(request) if request is not None else None
+
+
 def resolve_remote_model(name_or_repo: str) -> Path:
     """A registry name ('internlm2-chat-1_8b') or hub repository id ('internlm/internlm2-chat-1_8b') -> local dir."""
     request = request_for(name_or_repo, prefer_safetensors=True)

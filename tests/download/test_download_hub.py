@@ -225,6 +225,8 @@ def test_resolve_downloads_on_first_use_then_uses_the_cache(clean_hub: str, tmp_
     arch, path = first.stdout.split()[-2:]
     assert arch == "internlm2" and (Path(path) / SHARD).is_file()
     assert len(file_gets(clean_hub, SHARD)) == 1
+    listed = puyu(["models", "--json"], tmp_path, None)
+    assert {e["name"]: e["local_path"] for e in json.loads(listed.stdout)}["internlm2-chat-7b"] == path
     httpx.post(f"{clean_hub}/_test/reset")
 
     # Second use: the hub is not asked at all (and here it could not be: offline, endpoint dead).
