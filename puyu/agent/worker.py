@@ -119,11 +119,17 @@ def _landlock(writable, block_tcp, restrict_reads):
     if fd < 0:
         return 0
     try:
-        for path in writable:
-            _landlock_rule(fd, path, write | read)
-        _landlock_rule(fd, os.devnull, _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0) | read)
+        try:
+            for path in writable:
+                _landlock_rule(fd, path, write | read)
+            _landlock_rule(fd, os.devnull, _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0) | read)
+        except OSError:
+            return 0  # without these rules the sandbox could not work: run without Landlock (and report it)
         for path in read_roots() if restrict_reads else ():
-            _landlock_rule(fd, path, read)
+            try:
+                _landlock_rule(fd, path, read)
+            except OSError:  # a root we cannot open stays unreadable: fails closed
+                pass
         if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
             return 0
         if libc.syscall(_LL_RESTRICT, fd, 0) != 0:
