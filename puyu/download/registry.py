@@ -106,12 +106,9 @@ def _parse_persona(path: Path, raw: Any) -> Optional[Persona]:
         return None
     if isinstance(raw, str):
         persona_file = personas_dir(path.parent) / f"{raw}.yaml"
-        try:
-            raw = yaml.safe_load(persona_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RegistryError(f"{path}: persona: no persona file {persona_file}") from None
-        except yaml.YAMLError as exc:
-            raise RegistryError(f"{persona_file}: not valid YAML ({exc})".replace("\n", " ")) from None
+        if not persona_file.is_file():
+            raise RegistryError(f"{path}: persona: no persona file {persona_file}")
+        raw = _read_yaml(persona_file)
         if not isinstance(raw, dict):
             raise RegistryError(f"{persona_file}: must be a YAML mapping with system and greeting")
         raw = {"system": raw.get("system", raw.get("system_prompt")), "greeting": raw.get("greeting", "")}
@@ -164,16 +161,19 @@ def parse_entry(path: Path, raw: Any) -> ModelEntry:
     return ModelEntry(**values, source_file=str(path))
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+
+
 def load_registry(directory: Optional[Path] = None) -> dict[str, ModelEntry]:
     """All entries of `directory` (default: `configs/models`), by name."""
     directory = Path(directory) if directory is not None else models_dir()
     entries: dict[str, ModelEntry] = {}
     for path in sorted(directory.glob("*.yaml")):
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise RegistryError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
-        entry = parse_entry(path, raw)
+        entry = parse_entry(path, _read_yaml(path))
         entries[entry.name] = entry
     return entries
 
