@@ -11,9 +11,9 @@ mapped onto `LlamaForCausalLM` for transformers (`puyu.convert.reference.load_re
 
 Each (backend, N) runs in its own subprocess so that peak RSS is that run's alone. Model loading and a short warm-up
 are outside the timed part. TTFT counts from t=0 (when all requests arrive), so it includes queueing: for hf_seq the
-k-th request waits for the k-1 before it. hf_seq runs `--seq-requests` requests (by default at most 4 on cpu) since
-its throughput does not depend on N; its TTFT is then extrapolated as k * (time per request) for the whole queue
-(marked `ttft_extrapolated`).
+k-th request waits for the k-1 before it. hf_seq runs only `--seq-requests` requests (default 2 on cpu), once, and
+is reused for every N, since its speed does not depend on N; its TTFT for a queue of N is extrapolated as
+k * (time per request) + (first request's TTFT) (marked `ttft_extrapolated`).
 
     .venv/bin/python benchmarks/engine_throughput.py                      # cpu defaults (~10 minutes on 2 cores)
     .venv/bin/python benchmarks/engine_throughput.py --device cuda --requests 16,64,256 --seq-requests 16
@@ -89,6 +89,7 @@ class RunResult:
     cuda_peak_mib: Optional[float] = None
     generated_tokens: int = 0
     first_request_tokens: list[int] = field(default_factory=list)
+    first_token_s: float = 0.0  # TTFT of the first request measured
     quant_policy: Optional[int] = None
 
 
@@ -144,9 +145,9 @@ def _load_hf(spec: RunSpec):
 def _hf_generation_config(max_new_tokens: int):
     from transformers import GenerationConfig
 
-    # eos -1: nothing stops generation early (ignore_eos); min_new_tokens keeps the length fixed
-    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                            eos_token_id=-1, pad_token_id=2)
+    # eos -1: no token stops generation early (ignore_eos). No min_new_tokens: with eos -1 its processor would mask
+    # the last vocabulary entry and change the greedy tokens.
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=2)
 
 
 class _FirstStepClock:
@@ -309,6 +310,11 @@ def _kv_figures(spec: RunSpec, raw: dict[str, Any], n_done: int) -> dict[str, An
             "peak_in_use": _dense_kv_bytes(shape, at_once * (w.input_len + w.output_len), dtype)}
 
 
+def queued_ttft(per_request_s: float, first_token_s: float, queue: int) -> list[float]:
+    """TTFT of each of `queue` requests served one at a time: request k waits for the k before it."""
+    return [k * per_request_s + first_token_s for k in range(queue)]
+
+
 def worker(spec: RunSpec) -> RunResult:
     torch.set_num_threads(spec.threads)
     shape = _model_shape(spec.model_dir)
@@ -322,9 +328,8 @@ def worker(spec: RunSpec) -> RunResult:
         raise RuntimeError(f"{spec.backend}: generated {gen_tokens} tokens, expected {n * spec.workload.output_len}")
     elapsed = raw["elapsed"]
     ttft, extrapolated = raw["ttft"], False
-    if spec.backend == "hf_seq" and n < spec.queue:  # the queue a one-at-a-time server would face
-        ttft = [k * elapsed / n + ttft[0] for k in range(spec.queue)]
-        extrapolated = True
+    if spec.backend == "hf_seq" and n < spec.queue:
+        ttft, extrapolated = queued_ttft(elapsed / n, ttft[0], spec.queue), True
     label = spec.backend + (f" qp{spec.quant_policy}" if spec.backend == "puyu" else "")
     return RunResult(
         backend=spec.backend, label=label, num_requests=spec.queue, input_len=spec.workload.input_len,
@@ -333,7 +338,7 @@ def worker(spec: RunSpec) -> RunResult:
         ttft_s=_ttft_summary(ttft), ttft_extrapolated=extrapolated, peak_rss_mib=_peak_rss_mib(),
         rss_after_load_mib=raw["rss_load"], kv_bytes=_kv_figures(spec, raw, n),
         cuda_peak_mib=(torch.cuda.max_memory_allocated() / 2**20) if spec.device.startswith("cuda") else None,
-        generated_tokens=gen_tokens, first_request_tokens=raw["outputs"][0][:32],
+        generated_tokens=gen_tokens, first_request_tokens=raw["outputs"][0][:32], first_token_s=raw["ttft"][0],
         quant_policy=spec.quant_policy if spec.backend == "puyu" else None)
 
 
@@ -390,6 +395,14 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[RunSpec]:
     return specs
 
 
+def requeue(row: dict[str, Any], queue: int) -> dict[str, Any]:
+    """An hf_seq result for another queue length: same speed, TTFT extrapolated for `queue` requests."""
+    per_request = row["elapsed_s"] / row["measured_requests"]
+    out = dict(row, num_requests=queue, ttft_extrapolated=True, reused_from_n=row["num_requests"])
+    out["ttft_s"] = _ttft_summary(queued_ttft(per_request, row["first_token_s"], queue))
+    return out
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = f"{'run':<14}{'N':>5}{'req/s':>9}{'out tok/s':>11}{'TTFT mean':>11}{'p50':>9}{'p99':>9}" \
            f"{'peak RSS MiB':>14}{'KV MiB':>9}"
@@ -434,7 +447,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--quant-requests", type=ints, default=None,
                    help="request counts at which quant_policy 8/4 also run (default: the first of --requests)")
     p.add_argument("--seq-requests", type=int, default=None,
-                   help="requests hf_seq really runs (default: 4 on cpu, all on cuda)")
+                   help="requests hf_seq really runs (default: 2 on cpu, all on cuda)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=12)
@@ -456,7 +469,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.quant_requests = args.quant_requests or args.requests[:1]
     if args.seq_requests is None:
-        args.seq_requests = 4 if args.device == "cpu" else max(args.requests)
+        args.seq_requests = 2 if args.device == "cpu" else max(args.requests)
     return args
 
 
@@ -472,17 +485,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"model {model_dir.name}: {n_params / 1e6:.1f}M parameters; device {args.device}, dtype {args.dtype}, "
           f"{args.threads} threads", flush=True)
     rows, load_before = [], os.getloadavg()
+    seq_done: dict[int, dict[str, Any]] = {}  # hf_seq's speed does not depend on N: measure once per count
     for spec in plan(args, model_dir):
         t = time.perf_counter()
-        row = run_in_subprocess(spec, args.timeout)
+        reuse = seq_done.get(spec.workload.num_requests) if spec.backend == "hf_seq" else None
+        row = requeue(reuse, spec.queue) if reuse else run_in_subprocess(spec, args.timeout)
         if "error" in row:
             row.update(label=spec.backend + (f" qp{spec.quant_policy}" if spec.backend == "puyu" else ""),
                        backend=spec.backend, num_requests=spec.queue)
+        elif spec.backend == "hf_seq":
+            seq_done[spec.workload.num_requests] = row
         row["measured_requests"] = spec.workload.num_requests
         rows.append(row)
         print(f"  {row['label']:<12} N={spec.queue:<4} done in {time.perf_counter() - t:.0f} s"
-              + (f"  ERROR {row['error']}" if "error" in row else f"  {row['output_tok_per_s']:.1f} out tok/s"),
-              flush=True)
+              + (f"  ERROR {row['error']}" if "error" in row else f"  {row['output_tok_per_s']:.1f} out tok/s")
+              + ("  (hf_seq figures reused, TTFT re-queued)" if reuse else ""), flush=True)
     print_table(rows)
     result = {"benchmark": "engine_throughput", "model": {"dir_name": model_dir.name, "parameters": n_params,
               "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
