@@ -250,6 +250,32 @@ def test_serve_disconnect_frees_blocks_at_once(server, engine):
     assert engine.stats()["tokens_generated"] - before < 200  # aborted, not run to the end
 
 
+def test_serve_disconnect_during_a_whole_answer_aborts_it(internlm2_checkpoint):
+    """Non-streamed: the server watches the connection while generating and aborts when the client goes."""
+    import socket
+
+    from puyu.engine import AsyncEngine
+
+    with AsyncEngine(internlm2_checkpoint, EngineConfig(session_len=4096, cache_max_entry_count=300,
+                                                        cache_block_seq_len=16)) as engine:
+        with ServerThread(create_app(engine, model_name=MODEL)) as srv:
+            body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True,
+                               "temperature": 0}).encode()
+            sock = socket.create_connection(("127.0.0.1", srv.port))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            while engine.stats()["tokens_generated"] < 5:  # it is generating
+                time.sleep(0.01)
+            sock.close()
+            deadline = time.monotonic() + 60
+            while engine.stats()["blocks_used"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            scrape = httpx.get(srv.url + "/metrics").text
+        assert metric(scrape, "puyu_kv_blocks_used") == 0
+        assert metric(scrape, "puyu_requests_aborted_total") == 1
+        assert engine.stats()["tokens_generated"] < 4000
+
+
 def test_serve_metrics_count_requests_latencies_and_prefix_hits(client, server):
     long_prompt = "Large language models predict the next token. " * 6
     for _ in range(2):
