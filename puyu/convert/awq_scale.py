@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .awq import quantize_rtn
+from .awq import fake_quantize
 from .spec import CheckpointError, ModelSpec
 
 GRID = 20
@@ -68,7 +68,7 @@ def search_scales(ws: list[torch.Tensor], x: torch.Tensor, group_size: int) -> t
         alpha = step / GRID
         s = mean_abs.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        wq = quantize_rtn((w * s).t(), group_size).dequantize().t() / s
+        wq = fake_quantize((w * s).t(), group_size).t() / s
         loss = (x @ wq.t() - ref).pow(2).mean().item()
         if step == 0:
             rtn_loss = loss

@@ -10,8 +10,6 @@ and `quantization_config` in config.json; `puyu convert --model-format awq` turn
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +18,10 @@ from typing import Optional
 import torch
 
 from .awq import quantize_rtn
+from .outdir import atomic_directory, check_destination, copy_side_files
 from .readers import CheckpointFiles
 from .spec import CheckpointError, ModelSpec, read_json, read_model_spec
 from .tp import SUPPORTED_GROUP_SIZES
-from .writer import check_destination, copy_side_files
 
 # HF linear names of one layer, per architecture
 LINEAR_NAMES = {
@@ -77,16 +75,8 @@ def quantize_checkpoint(src: Path | str, dst: Path | str, options: QuantizeOptio
         apply_awq_scales(src, spec, weights, Path(options.calib_path).read_text(), options.group_size,
                          options.calib_tokens)
     out = _quantize_weights(weights, spec, options.group_size)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_directory(dst) as tmp:
         _write(src, tmp, out, options.group_size)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     n = spec.num_layers * len(LINEAR_NAMES[spec.arch])
     return QuantizeResult(dst, time.perf_counter() - start, n, options.calib_path is not None)
 

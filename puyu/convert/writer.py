@@ -5,8 +5,6 @@ failure (bad input, a full disk, Ctrl-C) never leaves a half-written workspace b
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Optional
 import torch
 
 from .layout import tp1_tensors
+from .outdir import atomic_directory, check_destination, copy_side_files
 from .readers import CheckpointFiles, iter_turbomind_tensors
 from .spec import CheckpointError, ModelSpec, read_model_spec
 from .tm_config import build_config, dump_config
@@ -23,8 +22,6 @@ from .workspace import WEIGHTS_DIR
 
 MODEL_FORMATS = ("hf", "awq")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16")
-# files copied from the checkpoint to the workspace root (tokenizer, configs, remote code), as LMDeploy does
-COPY_SUFFIXES = (".json", ".py", ".model", ".tiktoken", ".txt")
 
 
 @dataclass
@@ -68,21 +65,13 @@ def convert_checkpoint(src: Path | str, dst: Path | str, options: ConvertOptions
     plan = TPPlan.for_spec(spec, options.tp, group_size)
     check_destination(dst, options.force)
     files = CheckpointFiles(src)  # a missing shard fails here, before anything is written
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_directory(dst) as tmp:
         num_files, nbytes = _write_weights(files, spec, plan, weight_type, tmp / WEIGHTS_DIR, options.progress)
         config = build_config(spec, tp=plan.tp, weight_type=weight_type, model_format=options.model_format,
                               group_size=group_size, vocab_pad=plan.vocab_pad, inter_pad=plan.inter_pad,
                               kv_heads_stored=plan.kv_heads_stored, model_name=options.model_name)
         dump_config(config, tmp / WEIGHTS_DIR / "config.yaml")
         copy_side_files(src, tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return ConvertResult(dst, spec, weight_type, plan.tp, time.perf_counter() - start, num_files, nbytes)
 
 
@@ -110,13 +99,6 @@ def _float_type(spec: ModelSpec, dtype: str) -> str:
     if dtype != "auto":
         return dtype
     return spec.torch_dtype if spec.torch_dtype in ("float16", "bfloat16") else "float16"
-
-
-def check_destination(dst: Path, force: bool) -> None:
-    if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"{dst}: destination exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not force:
-        raise CheckpointError(f"{dst}: destination exists and is not empty (use --force to replace it)")
 
 
 def _write_weights(files: CheckpointFiles, spec: ModelSpec, plan: TPPlan, weight_type: str, out_dir: Path,
@@ -153,9 +135,3 @@ def dump_tensor(t: torch.Tensor, path: Path) -> int:
     raw = t.contiguous().view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
     raw.numpy().tofile(str(path))
     return raw.numel()
-
-
-def copy_side_files(src: Path, dst_root: Path) -> None:
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.suffix in COPY_SUFFIXES and not f.name.endswith(".index.json"):
-            shutil.copy2(f, dst_root / f.name)

@@ -53,7 +53,7 @@ def test_scaling_leaves_the_float_model_unchanged(checkpoint_factory, calib):
     files = CheckpointFiles(src)
     original = {n: files.get(n).float() for n in files.names()}
     scaled = dict(original)
-    results = apply_awq_scales(src, spec, scaled, calib.read_text(), 64, max_tokens=128)
+    results = apply_awq_scales(src, spec, scaled, calib.read_text(), 64, max_tokens=64)
     assert len(results) == 3 * spec.num_layers and all(r.loss <= r.rtn_loss for r in results)
     changed = "model.layers.0.attention_norm.weight"
     assert not torch.equal(scaled[changed], original[changed])
@@ -67,7 +67,7 @@ def test_quantize_cli_with_calibration(checkpoint_factory, calib, tmp_path, caps
     src = checkpoint_factory("llama", "fp16", INT4_SHAPE)
     dst = tmp_path / "awq"
     rc = main(["quantize", str(src), "--dst-path", str(dst), "--group-size", "64", "--calib-file", str(calib),
-               "--calib-tokens", "128"])
+               "--calib-tokens", "64"])
     assert rc == 0 and "activation-aware" in capsys.readouterr().out
     assert json.loads((dst / "config.json").read_text())["quantization_config"]["group_size"] == 64
     assert main(["convert", str(dst), "--dst-path", str(tmp_path / "ws"), "--no-progress"]) == 0
