@@ -35,7 +35,7 @@ class Int4Linear:
         self.group_size = group_size
         self.in_features, self.out_features = qweight.shape[0], qweight.shape[1] * 8
         self.fused = fused
-        self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._packed: dict[tuple, object] = {}  # per device/dtype: the kernel's packing, and its check
 
     def __repr__(self) -> str:
         return (f"Int4Linear(in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
@@ -59,10 +59,25 @@ class Int4Linear:
     def _use_fused(self, x: torch.Tensor) -> bool:
         if self.fused is False:
             return False
-        ok = self._fused_available(x)
+        ok = self._fused_available(x) and self._fused_agrees(x)
         if self.fused and not ok:
             raise RuntimeError(f"no fused int4 matmul for {x.device.type} / {x.dtype} / group size {self.group_size}")
         return ok
+
+    def _fused_agrees(self, x: torch.Tensor) -> bool:
+        """Once per device/dtype: the kernel must reproduce the dequantised product (its packing conventions have
+        changed across torch releases); otherwise this layer keeps dequantising."""
+        key = ("checked", x.device, x.dtype)
+        if key not in self._packed:
+            probe = torch.randn(4, self.in_features, generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
+            try:
+                got = self._fused(probe).float()
+            except RuntimeError:
+                got = None
+            want = probe.float() @ self.dequantize(torch.float32).to(x.device)
+            good = got is not None and bool((got - want).norm() <= 0.02 * want.norm() + 1e-3)
+            self._packed[key] = good
+        return bool(self._packed[key])
 
     def _fused_available(self, x: torch.Tensor) -> bool:
         if self.group_size not in _FUSED_GROUP_SIZES or self.out_features % 8:
