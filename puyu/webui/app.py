@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,6 +31,10 @@ class AppConfig:
 
 def build_app(backend: ChatBackend, config: Optional[AppConfig] = None) -> gr.Blocks:
     config = config or AppConfig()
+    # Gradio makes and drops event loops while it builds an app. When a library has turned ResourceWarnings on,
+    # the "unclosed event loop" warning is formatted inside the garbage collector, and that import can break an
+    # import running at the same time on CPython 3.11 (KeyError in importlib's module locks): keep it quiet.
+    warnings.filterwarnings("ignore", message="unclosed event loop", category=ResourceWarning)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"## {TITLE}")
         with gr.Tabs():
