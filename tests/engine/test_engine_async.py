@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from conftest import greedy, make_prompts
+from engine_helpers import greedy, make_prompts
 from puyu.config import EngineConfig, GenerationConfig
 from puyu.engine.engine import AsyncEngine
 

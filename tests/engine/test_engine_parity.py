@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, NEW_TOKENS, greedy, make_prompts, reference_greedy
+from engine_helpers import DEVICE, NEW_TOKENS, greedy, make_prompts, reference_greedy
 from puyu.config import GenerationConfig
 from puyu.convert import load_model_weights
 from puyu.engine.block_manager import BlockManager

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import greedy, make_prompts
+from engine_helpers import greedy, make_prompts
 
 LENGTHS = (9, 23, 40, 57)
 NEW = 24

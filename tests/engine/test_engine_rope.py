@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import greedy, make_prompts, reference_greedy
+from engine_helpers import greedy, make_prompts, reference_greedy
 from puyu.convert.reference import load_reference_model
 from puyu.tiny import TinyShape
 

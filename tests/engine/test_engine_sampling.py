@@ -6,7 +6,7 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from conftest import greedy, make_prompts, reference_greedy
+from engine_helpers import greedy, make_prompts, reference_greedy
 from puyu.config import GenerationConfig
 from puyu.engine.sampler import SampleRequest, apply_penalties, top_k_top_p
 
