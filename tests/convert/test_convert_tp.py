@@ -219,3 +219,14 @@ def test_workspace_without_config_json(tiny_checkpoint, tmp_path):
     spec, got = read_workspace(tmp_path / "ws")
     assert spec.eos_token_ids and spec.arch in ("internlm2", "llama", "qwen2")
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_tp1_workspace_is_memory_mapped(internlm2_checkpoint, tmp_path):
+    """At tp=1 the tensors are views of the files themselves (mapped, not read into memory): a byte written to
+    the file afterwards shows through (Linux maps untouched private pages from the page cache)."""
+    convert(internlm2_checkpoint, tmp_path / "ws")
+    _, w = read_workspace(tmp_path / "ws")
+    t = w["layers.1.feed_forward.w2.weight"]
+    with open(tmp_path / "ws/triton_models/weights/layers.1.feed_forward.w2.0.weight", "r+b") as f:
+        f.write(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16).numpy().tobytes())
+    assert t[0, :3].tolist() == [1.0, 2.0, 3.0]
