@@ -30,7 +30,7 @@ from puyu.bench.load import LoadConfig
 from puyu.bench.metrics import FORMULAS
 from puyu.bench.plots import plot_against_load
 from puyu.bench.points import BenchOptions
-from puyu.bench.report import write_json
+from puyu.bench.report import read_json, write_json
 from puyu.bench.serve_bench import run_serve_bench
 from puyu.bench.server_proc import ServerProcess, free_port, offline_env
 from puyu.tiny import TinyShape, build_checkpoint
@@ -58,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--work-dir", type=Path, default=None, help="checkpoints, logs, per-request files (default tmp)")
     p.add_argument("--only", choices=("puyu", "transformers"), default=None)
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from the existing result JSON")
     return p.parse_args()
 
 
@@ -139,8 +140,20 @@ def ratios(puyu: list[dict], tf: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def plot(result: dict[str, Any], path: Path) -> Path:
+    setup = result["setup"]
+    load = setup["load_average_before"][0]
+    title = (f"puyu serve vs transformers serve --continuous-batching (CPU, {setup['threads']} thread(s) each, "
+             f"background load avg {load:.1f})")
+    return plot_against_load(result["runs"], "max_concurrency", path, title=title)
+
+
 def main() -> int:
     args = parse_args()
+    json_path, png_path = args.out_dir / "serve_vs_transformers.json", args.out_dir / "serve_vs_transformers.png"
+    if args.plot_only:
+        print(f"wrote {plot(read_json(json_path), png_path)}")
+        return 0
     if len(args.prompts_per_level) != len(args.concurrency):
         raise SystemExit("--prompts-per-level needs one value per --concurrency")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="puyu-serve-vs-tf-"))
@@ -166,15 +179,14 @@ def main() -> int:
     if len(names) == 2:
         out["ratios_puyu_over_transformers"] = ratios(results["puyu"], results["transformers"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_json(args.out_dir / "serve_vs_transformers.json", out)
-    plot = plot_against_load(slim, "max_concurrency", args.out_dir / "serve_vs_transformers.png",
-                             title="puyu serve vs transformers serve --continuous-batching (CPU, 2 threads)")
+    path = write_json(json_path, out)
+    png = plot(out, png_path)
     runs = [(f"{n}@c{p['max_concurrency']}", p) for c in range(len(args.concurrency)) for n in names
             for p in [slim[n][c]]]
     if len(names) == 2:
         for c in range(len(args.concurrency)):  # transformers first: the ratio column is puyu / transformers
             print(compare_table(runs[2 * c:2 * c + 2][::-1]))
-    print(f"wrote {path} and {plot} (per-request files in {work / 'runs'})")
+    print(f"wrote {path} and {png} (per-request files in {work / 'runs'})")
     return 0
 
 
