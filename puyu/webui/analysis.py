@@ -34,6 +34,14 @@ class AnalysisSession:
 
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     runs: int = 0
+    current: Optional["LiveTap"] = None  # the model of the run in progress (the stop button reaches it here)
+
+    def stop(self) -> bool:
+        """Ask the run in progress to end; True if there was one."""
+        if self.current is None:
+            return False
+        self.current.stopped = True
+        return True
 
 
 @dataclass
@@ -82,24 +90,41 @@ def _shared(build: Callable[[], Any]) -> ModelFactory:
     return get
 
 
+class StoppedByUser(RuntimeError):
+    pass
+
+
 class LiveTap:
     """Wraps the run's Lagent model and keeps the text of the turn being generated, so the page can show a model
-    turn while it streams (the transcript only gets it once the turn is complete). Everything else is delegated."""
+    turn while it streams (the transcript only gets it once the turn is complete). Everything else is delegated.
+
+    `stopped = True` ends the run at the model's next chunk: the stream fails, which the agent records as a model
+    error and ends the run cleanly (the request in the backend is closed with it)."""
 
     def __init__(self, model: Any):
         self._model = model
         self.text = ""
+        self.stopped = False
+
+    def wrap(self, model: Any) -> None:
+        self._model = model
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
     def stream_chat(self, *args: Any, **kwargs: Any) -> Iterator[tuple]:
+        if self.stopped:
+            raise StoppedByUser("stopped by the user")
+        inner = self._model.stream_chat(*args, **kwargs)
         try:
-            for status, text, extra in self._model.stream_chat(*args, **kwargs):
+            for status, text, extra in inner:
+                if self.stopped:
+                    raise StoppedByUser("stopped by the user")
                 self.text = text
                 yield status, text, extra
         finally:
             self.text = ""
+            getattr(inner, "close", lambda: None)()  # ends the model's request now, not at garbage collection
 
 
 def zip_run(run_dir: Path) -> Path:
@@ -120,20 +145,23 @@ def _read_new_lines(path: Path, offset: int) -> tuple[list[dict], int]:
     return events, offset + end
 
 
-async def follow_run(service: AnalysisService, question: str, files: list[str],
-                     run_dir: Path, poll_s: float = 0.1) -> AsyncIterator[dict]:
-    """Start the run in a thread and yield its transcript events as they are written. A failure before or outside
-    the agent loop (a bad file, a model that cannot be built) arrives as a final `{"event": "ui_error"}`."""
+async def follow_run(service: AnalysisService, session: AnalysisSession, run_dir: Path, question: str,
+                     files: list[str], poll_s: float = 0.1) -> AsyncIterator[dict]:
+    """Start a run in `run_dir` (a new folder of the session's) and yield its transcript events as they are
+    written, with `{"event": "partial", "text": ...}` for the turn being generated. A failure before or outside the agent loop
+    (a bad file, a model that cannot be built) arrives as a final `{"event": "ui_error"}`."""
     outcome: dict[str, Any] = {}
-    tap: list[LiveTap] = []
+    tap = session.current = LiveTap(None)  # set before the thread starts: a second run waits for this one
 
     def work() -> None:
         try:
-            tap.append(LiveTap(service.make_model()))
-            outcome["result"] = run_analysis(tap[0], question, files, run_dir, service.run_config,
+            tap.wrap(service.make_model())
+            outcome["result"] = run_analysis(tap, question, files, run_dir, service.run_config,
                                              **service.gen_params)
         except Exception as exc:  # shown in the page
             outcome["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            session.current = None
 
     thread = threading.Thread(target=work, name=f"puyu-webui-{run_dir.name}", daemon=True)
     thread.start()
@@ -143,7 +171,7 @@ async def follow_run(service: AnalysisService, question: str, files: list[str],
         events, offset = _read_new_lines(transcript, offset)
         for event in events:
             yield event
-        live = tap[0].text if tap and alive else ""
+        live = tap.text if alive else ""
         if live != shown:  # the turn in progress ("" once it is complete and recorded)
             shown = live
             yield {"event": "partial", "text": live}

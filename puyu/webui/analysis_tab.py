@@ -23,7 +23,9 @@ def build_analysis_tab(service: AnalysisService) -> None:
                             elem_id="analysis-files")
             question = gr.Textbox(label="Question", lines=1, max_lines=6, elem_id="analysis-question",
                                   placeholder="e.g. Plot the monthly sales and tell me which month was best")
-            run_btn = gr.Button("Run analysis", variant="primary", elem_id="analysis-run")
+            with gr.Row():
+                run_btn = gr.Button("Run analysis", variant="primary", elem_id="analysis-run")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="analysis-stop")
             status = gr.Markdown("", elem_id="analysis-status")
             error = gr.Markdown("", elem_id="analysis-error")
             download = gr.DownloadButton("Download run folder (.zip)", visible=False, elem_id="analysis-download")
@@ -39,12 +41,16 @@ def build_analysis_tab(service: AnalysisService) -> None:
             yield gr.skip(), session, "", format_error("question: type a question first"), hidden
             return
         session = session or AnalysisSession()
-        run_dir = service.new_run_dir(session)
+        if session.current is not None:
+            yield gr.skip(), session, gr.skip(), format_error("a run is in progress: wait for it or stop it"), \
+                gr.skip()
+            return
         messages: list[dict] = []
         summary, problem = "running…", ""
         yield messages, session, summary, problem, hidden
         partial: list[dict] = []
-        async for event in follow_run(service, text, list(paths or []), run_dir):
+        run_dir = service.new_run_dir(session)
+        async for event in follow_run(service, session, run_dir, text, list(paths or [])):
             if event["event"] == "partial":
                 partial = render_partial(event["text"])
             elif event["event"] == "run_end":
@@ -57,6 +63,12 @@ def build_analysis_tab(service: AnalysisService) -> None:
         if (run_dir / "transcript.jsonl").exists():
             yield messages, session, summary, problem, gr.DownloadButton(value=str(zip_run(run_dir)), visible=True)
 
+    def on_stop(session: Optional[AnalysisSession]) -> str:
+        if session is None or not session.stop():
+            return format_error("no run in progress")
+        return ""
+
     outputs = [steps, session_state, status, error, download]
+    stop_btn.click(on_stop, [session_state], [error])
     for trigger in (run_btn.click, question.submit):
         trigger(on_run, [files, question, session_state], outputs, concurrency_limit=CONCURRENCY)

@@ -178,3 +178,26 @@ def test_a_model_turn_shows_while_it_streams(app, page_factory, tmp_path):
     expect(page.locator("#analysis-status")).to_contain_text("answered")
     expect(steps(page)).not_to_contain_text("Thinking")
     expect(steps(page)).to_contain_text("total sales: 5")
+
+
+def test_stop_ends_the_run_cleanly(app, page_factory, tmp_path):
+    url, _ = app
+    page = page_factory(url)
+    release = threading.Event()
+    PausingReplay.paused.clear()
+    PausingReplay.pause = release
+    try:
+        run_analysis_in(page, write_csv(tmp_path / "stop.csv", [("Jan", 5)]), "Total?")
+        assert PausingReplay.paused.wait(60), "the model never started"
+        expect(steps(page)).to_contain_text("Thinking")
+        page.locator("#analysis-stop").click()
+        expect(page.locator("#analysis-error")).to_have_text("")
+    finally:
+        release.set()
+    # the model is cut off before its first call ran: no cell, a model error that says why, a run folder to take
+    expect(page.locator("#analysis-status")).to_contain_text("model_error")
+    expect(page.locator("#analysis-status")).to_contain_text("stopped by the user")
+    expect(steps(page)).not_to_contain_text("Code · cell")
+    expect(page.locator("#analysis-download")).to_be_visible()
+    page.locator("#analysis-stop").click()
+    expect(page.locator("#analysis-error")).to_contain_text("no run in progress")
