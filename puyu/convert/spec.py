@@ -105,7 +105,7 @@ def read_model_spec(model_dir: Path | str) -> ModelSpec:
     if spec.num_heads % spec.num_kv_heads:
         raise CheckpointError(f"{model_dir / 'config.json'}: num_attention_heads {spec.num_heads} is not a multiple "
                               f"of num_key_value_heads {spec.num_kv_heads}")
-    spec.eos_token_ids = _eos_ids(model_dir, cfg)
+    spec.eos_token_ids = eos_token_ids(model_dir, cfg)
     spec.quant_method, spec.group_size = _quantization(model_dir, cfg)
     return spec
 
@@ -135,7 +135,8 @@ def _quantization(model_dir: Path, cfg: dict) -> tuple[str, int]:
     return method, group
 
 
-def _eos_ids(model_dir: Path, cfg: dict) -> tuple[int, ...]:
+def eos_token_ids(model_dir: Path, cfg: dict) -> tuple[int, ...]:
+    """Stop ids from a config mapping and the generation_config.json beside it (deduplicated, in order)."""
     ids: list[int] = []
     sources = [cfg.get("eos_token_id")]
     gen_path = model_dir / "generation_config.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .layout import tp1_tensors
-from .spec import SUPPORTED_ARCHS, CheckpointError, ModelSpec, _eos_ids, read_json, read_model_spec
+from .spec import SUPPORTED_ARCHS, CheckpointError, ModelSpec, eos_token_ids, read_json, read_model_spec
 from .tm_config import WorkspaceConfig, read_config
 from .tp import TPPlan
 
@@ -120,7 +120,7 @@ def _spec_from_config(root: Path, cfg: WorkspaceConfig) -> ModelSpec:
     if gen.exists():
         gen_cfg = read_json(gen)
         spec.bos_token_id = gen_cfg.get("bos_token_id", spec.bos_token_id)
-        spec.eos_token_ids = _eos_ids(root, gen_cfg)
+        spec.eos_token_ids = eos_token_ids(root, gen_cfg)
     return spec
 
 
