@@ -4,7 +4,9 @@ The converter permutes q/k rows so that pair j of a head is (x[2j], x[2j+1]), ro
 pos * theta^(-2j/D) (HF pairs x[j] with x[j + D/2] instead; the permutation makes the two equal).
 Scaling as transformers/InternLM2 do it: `linear` divides the position by the factor; `dynamic` (NTK) enlarges the
 base once a sequence is longer than the original context: base * (f * L / L0 - (f - 1)) ^ (D / (D - 2)), where L is the
-sequence's length after this step (transformers uses max(position) + 1 of the forward).
+sequence's length after this step (transformers uses max(position) + 1 of the forward). As in transformers, keys
+already in the cache keep the rotation they were written with; a prompt prefilled in chunks (or revived from the
+prefix cache) therefore sees, beyond the original context, slightly different keys than one prefilled at once.
 """
 from __future__ import annotations
 
