@@ -230,3 +230,29 @@ def test_tp1_workspace_is_memory_mapped(internlm2_checkpoint, tmp_path):
     with open(tmp_path / "ws/triton_models/weights/layers.1.feed_forward.w2.0.weight", "r+b") as f:
         f.write(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16).numpy().tobytes())
     assert t[0, :3].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_bin_checkpoint_converts_and_pickles_are_refused(checkpoint_factory, tmp_path, capsys):
+    """`.bin` weights load with torch.load(weights_only=True): tensors convert, arbitrary pickles are refused."""
+    from puyu.cli import main
+
+    src = checkpoint_factory("qwen2")
+    _, expected = read_hf_checkpoint(src)
+    files = CheckpointFiles(src)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".json" and not f.name.endswith(".index.json"):
+            (bin_dir / f.name).write_bytes(f.read_bytes())
+    torch.save({n: files.get(n) for n in files.names()}, bin_dir / "pytorch_model.bin")
+    assert main(["convert", str(bin_dir), "--dst-path", str(tmp_path / "ws"), "--tp", "2", "--no-progress"]) == 0
+    _, got = read_workspace(tmp_path / "ws")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    torch.save({"payload": _NotATensor()}, bin_dir / "pytorch_model.bin")
+    assert main(["convert", str(bin_dir), "--dst-path", str(tmp_path / "ws2"), "--no-progress"]) == 2
+    assert "weights_only=True" in capsys.readouterr().err
+    assert not (tmp_path / "ws2").exists()
+
+
+class _NotATensor:
+    """Any pickled object other than tensors (a real attack would run code in __reduce__)."""
