@@ -53,7 +53,9 @@ def main() -> int:
             server.should_exit = True
             thread.join(timeout=30)
             engine.close()
-    result = {**report.to_dict(), "python": platform.python_version(), "machine": platform.machine()}
+    result = {**report.to_dict(), "seed": args.seed, "api_key": bool(args.api_key),
+              "command": "python benchmarks/serve_fuzz.py " + " ".join(sys.argv[1:]),
+              "python": platform.python_version(), "machine": platform.machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"{report.calls} requests in {report.seconds} s; by status: {report.by_status}; 5xx: {report.num_5xx}")
