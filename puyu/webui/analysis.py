@@ -148,8 +148,8 @@ def _read_new_lines(path: Path, offset: int) -> tuple[list[dict], int]:
 async def follow_run(service: AnalysisService, session: AnalysisSession, run_dir: Path, question: str,
                      files: list[str], poll_s: float = 0.1) -> AsyncIterator[dict]:
     """Start a run in `run_dir` (a new folder of the session's) and yield its transcript events as they are
-    written, with `{"event": "partial", "text": ...}` for the turn being generated. A failure before or outside the agent loop
-    (a bad file, a model that cannot be built) arrives as a final `{"event": "ui_error"}`."""
+    written, with `{"event": "partial", "text": ...}` for the turn being generated. A failure before or outside
+    the agent loop (a bad file, a model that cannot be built) arrives as a final `{"event": "ui_error"}`."""
     outcome: dict[str, Any] = {}
     tap = session.current = LiveTap(None)  # set before the thread starts: a second run waits for this one
 

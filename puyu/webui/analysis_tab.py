@@ -70,5 +70,5 @@ def build_analysis_tab(service: AnalysisService) -> None:
 
     outputs = [steps, session_state, status, error, download]
     stop_btn.click(on_stop, [session_state], [error])
-    for trigger in (run_btn.click, question.submit):
-        trigger(on_run, [files, question, session_state], outputs, concurrency_limit=CONCURRENCY)
+    gr.on([run_btn.click, question.submit], on_run, [files, question, session_state], outputs,
+          concurrency_limit=CONCURRENCY, trigger_mode="once")

@@ -88,10 +88,9 @@ def build_chat_tab(backend: ChatBackend, personas: list[Persona], defaults: Chat
 
     outputs = [chatbot, conv_state, status, error]
     send_inputs = [message, conv_state, system, *sliders]
-    send_events = [
-        trigger(on_send, send_inputs, outputs + [message], concurrency_limit=CONCURRENCY)
-        for trigger in (message.submit, send_btn.click)
-    ]
+    # one listener for Enter and the button, so a second send while a reply streams is ignored ("once")
+    send_events = [gr.on([message.submit, send_btn.click], on_send, send_inputs, outputs + [message],
+                         concurrency_limit=CONCURRENCY, trigger_mode="once")]
     regen_event = regen_btn.click(on_regenerate, [conv_state, system, *sliders], outputs,
                                   concurrency_limit=CONCURRENCY)
     stop_btn.click(None, None, None, cancels=[*send_events, regen_event])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -138,13 +139,24 @@ def puyu_server(internlm2_checkpoint, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     proc = Process(["serve", str(internlm2_checkpoint), "--backend", "native", "--server-port", str(port),
-                    "--session-len", "512", "--cache-max-entry-count", "64", "--num-threads", "1"], log)
+                    "--session-len", "2048", "--cache-max-entry-count", "64", "--num-threads", "1"], log)
     url = f"http://127.0.0.1:{port}"
     try:
         proc.wait_http(f"{url}/health")
         yield url
     finally:
         proc.stop()
+
+
+def letters(text: str) -> str:
+    """Letters and digits only: what survives Markdown rendering of a random model's reply unchanged."""
+    return re.sub(r"[\W_]", "", text)
+
+
+def send(page, text: str) -> None:
+    """Type a message into the chat tab and press Enter."""
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#chat-input textarea").press("Enter")
 
 
 def upload(page, *paths: Path) -> None:

@@ -8,23 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from playwright.sync_api import expect
 
-from conftest import DOCS, Recording, running_app, upload
+from conftest import DOCS, Recording, letters, running_app, send, upload
 from puyu.config import EngineConfig
 from puyu.engine import AsyncEngine
 from puyu.agent.runner import RunConfig
 from puyu.webui.analysis import AnalysisService
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import EngineBackend
-from puyu.webui.personas import PLAIN, Persona
+from puyu.webui.personas import PLAIN, load_personas
 from puyu.webui.settings import ChatSettings
 
-BAJIE = Persona(name="八戒", system="你是猪八戒，说话要像《西游记》里的猪八戒。", greeting="俺老猪来也！师父有何吩咐？")
+BAJIE = next(p for p in load_personas() if p.name == "八戒")  # the real one, from configs/personas
 GREEDY = ChatSettings(max_new_tokens=24, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
-
-
-def letters(text: str) -> str:
-    """Letters and digits only: what survives Markdown rendering of a random model's reply unchanged."""
-    return re.sub(r"[\W_]", "", text)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +46,6 @@ def chat(app, page_factory):
     rec.replies.clear()
     rec.hold = False
     return page_factory(url), rec
-
-
-def send(page, text: str) -> None:
-    page.locator("#chat-input textarea").fill(text)
-    page.locator("#chat-input textarea").press("Enter")
 
 
 def bot_messages(page):
@@ -111,7 +101,7 @@ def test_persona_sets_greeting_and_system_prompt_of_the_request(chat):
     page.locator("#chat-persona input").click()
     page.get_by_role("option", name="八戒").click()
     expect(bot_messages(page)).to_have_count(1)
-    expect(bot_messages(page).first).to_contain_text("俺老猪来也")
+    expect(bot_messages(page).first).to_contain_text(BAJIE.greeting[:8])
     expect(page.locator("#chat-system textarea")).to_have_value(BAJIE.system)
     send(page, "猴哥，师父被妖怪抓走了！")
     expect(page.locator("#chat-status")).to_contain_text("finish:")

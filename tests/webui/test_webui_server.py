@@ -8,24 +8,16 @@ import openai
 import pytest
 from playwright.sync_api import expect
 
-from conftest import Process, free_port, running_app, upload
+from conftest import Process, free_port, letters, running_app, send, upload
 from puyu.tokenizer import Tokenizer
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import OpenAIBackend
-from puyu.webui.personas import PLAIN, Persona
+from puyu.webui.personas import PLAIN, load_personas
 from puyu.webui.settings import ChatSettings
 
-BAJIE = Persona(name="八戒", system="你是猪八戒，说话要像《西游记》里的猪八戒。", greeting="俺老猪来也！")
+PERSONAS = load_personas()  # the real ones of configs/personas
+BAJIE = next(p for p in PERSONAS if p.name == "八戒")
 GREEDY = ChatSettings(max_new_tokens=16, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
-
-
-def letters(text: str) -> str:
-    return re.sub(r"[\W_]", "", text)
-
-
-def send(page, text: str) -> None:
-    page.locator("#chat-input textarea").fill(text)
-    page.locator("#chat-input textarea").press("Enter")
 
 
 def prompt_tokens(page) -> int:
@@ -34,7 +26,7 @@ def prompt_tokens(page) -> int:
 
 @pytest.fixture(scope="module")
 def app(puyu_server):
-    with running_app(OpenAIBackend(puyu_server), AppConfig(personas=[PLAIN, BAJIE], chat_defaults=GREEDY)) as url:
+    with running_app(OpenAIBackend(puyu_server), AppConfig(personas=PERSONAS, chat_defaults=GREEDY)) as url:
         yield url
 
 
@@ -43,7 +35,7 @@ def test_reply_streams_from_the_server_with_the_persona_prompt(app, puyu_server,
     page = page_factory(app)
     page.locator("#chat-persona input").click()
     page.get_by_role("option", name="八戒").click()
-    expect(page.locator("#chat-history [data-testid='bot']").first).to_contain_text("俺老猪来也")
+    expect(page.locator("#chat-history [data-testid='bot']").first).to_contain_text(BAJIE.greeting[:8])
     send(page, "猴哥，师父被妖怪抓走了！")
     expect(page.locator("#chat-status")).to_contain_text("finish: length")
     expect(page.locator("#chat-status")).to_contain_text("generated tokens: 16")
@@ -62,9 +54,9 @@ def test_reply_streams_from_the_server_with_the_persona_prompt(app, puyu_server,
 
 def test_server_errors_are_shown_in_the_page(app, page_factory):
     page = page_factory(app)
-    send(page, "hello " * 400)
+    send(page, "hello " * 1000)
     expect(page.locator("#chat-error")).to_contain_text("server answered 400")
-    expect(page.locator("#chat-error")).to_contain_text("512")
+    expect(page.locator("#chat-error")).to_contain_text("2048")
 
 
 def test_unreachable_server_is_reported(page_factory):
