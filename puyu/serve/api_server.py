@@ -74,19 +74,19 @@ def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence
                 "max_model_len": int(engine.session_len)}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def answer(kind: Any, body: Any, request: Request) -> Response:
         check_model(body.model)
-        call = ChatCompletion(body, engine, metrics, served)
+        call = kind(body, engine, metrics, served)
         log.info("%s user=%s session_id=%s", call.id, body.user, body.session_id)
         return await call.respond(request)
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await answer(ChatCompletion, body, request)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_model(body.model)
-        call = Completion(body, engine, metrics, served)
-        log.info("%s user=%s session_id=%s", call.id, body.user, body.session_id)
-        return await call.respond(request)
+        return await answer(Completion, body, request)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -1,7 +1,6 @@
 """POST /v1/chat/completions: prompt rendering, tool calls, streaming and whole responses."""
 from __future__ import annotations
 
-import asyncio
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
@@ -12,7 +11,7 @@ from ..tokenizer import render_chat
 from .errors import engine_failure
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest
-from .responses import (SSE_DONE, ChoiceState, chat_logprobs, new_id, now, run_until_disconnect, sse, sse_response,
+from .responses import (ChoiceState, chat_logprobs, new_id, now, run_until_disconnect, sse, sse_body, sse_response,
                         usage)
 from .runner import Job, collect, merged, start
 from .tools import ParsedReply, ToolStreamParser, forced_prefix, parse_reply, strip_end_markers, to_internlm2_messages
@@ -106,30 +105,28 @@ class ChatCompletion:
         return {"index": index, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
                 "finish_reason": finish}
 
-    async def _stream(self, streams: list) -> AsyncIterator[str]:
+    def _stream(self, streams: list) -> AsyncIterator[str]:
         states = {s.index: ChoiceState() for s in streams}
+
+        def tail() -> list[str]:
+            if not self.req.include_usage:
+                return []
+            prompt_tokens = next(iter(states.values())).prompt_tokens
+            return [self._chunk([], usage(prompt_tokens, sum(s.completion_tokens for s in states.values())))]
+
+        return sse_body(self._events(streams, states), tail, self.metrics)
+
+    async def _events(self, streams: list, states: dict[int, ChoiceState]) -> AsyncIterator[str]:
         parsers = {s.index: ToolStreamParser() for s in streams}
         for p in parsers.values():
             p.feed(self.prefix)
         for index in states:
             yield self._chunk([self._delta(index, {"role": "assistant", "content": ""})])
-        try:
-            async for index, out in merged(streams):
-                state = states[index]
-                state.add(out)
-                for chunk in self._stream_step(index, out, state, parsers[index]):
-                    yield chunk
-        except (asyncio.CancelledError, GeneratorExit):
-            self.metrics.aborted.inc()
-            raise
-        except Exception as exc:  # an engine failure mid-stream ends this stream only
-            yield sse(engine_failure(f"{type(exc).__name__}: {exc}").body())
-            yield SSE_DONE
-            return
-        if self.req.include_usage:
-            prompt_tokens = next(iter(states.values())).prompt_tokens
-            yield self._chunk([], usage(prompt_tokens, sum(s.completion_tokens for s in states.values())))
-        yield SSE_DONE
+        async for index, out in merged(streams):
+            state = states[index]
+            state.add(out)
+            for chunk in self._stream_step(index, out, state, parsers[index]):
+                yield chunk
 
     def _stream_step(self, index: int, out: Any, state: ChoiceState, parser: ToolStreamParser) -> list[str]:
         chunks = []

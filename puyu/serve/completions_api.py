@@ -1,7 +1,6 @@
 """POST /v1/completions: raw prompts (strings or token ids, one or several), streaming and whole responses."""
 from __future__ import annotations
 
-import asyncio
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
@@ -10,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from .errors import APIError, engine_failure
 from .metrics import ServerMetrics
 from .protocol import CompletionRequest
-from .responses import (SSE_DONE, ChoiceState, completion_logprobs, new_id, now, run_until_disconnect, sse,
+from .responses import (ChoiceState, completion_logprobs, new_id, now, run_until_disconnect, sse, sse_body,
                         sse_response, usage)
 from .runner import Job, collect, merged, start
 
@@ -83,35 +82,33 @@ class Completion:
             body["usage"] = None
         return sse(body)
 
-    async def _stream(self, streams: list) -> AsyncIterator[str]:
+    def _stream(self, streams: list) -> AsyncIterator[str]:
         states = {s.index: ChoiceState() for s in streams}
+
+        def tail() -> list[str]:
+            if not self.req.include_usage:
+                return []
+            completion_tokens = sum(s.completion_tokens for s in states.values())
+            return [sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                         "choices": [], "usage": usage(self._prompt_tokens(states), completion_tokens)})]
+
+        return sse_body(self._events(streams, states), tail, self.metrics)
+
+    async def _events(self, streams: list, states: dict[int, ChoiceState]) -> AsyncIterator[str]:
         offsets = {index: 0 for index in states}
         for index in states:
             echo = self._echo(index)
             if echo:
                 offsets[index] = len(echo)
                 yield self._chunk(index, echo)
-        try:
-            async for index, out in merged(streams):
-                state = states[index]
-                state.add(out)
-                text = out.text or ""
-                lps = self._logprobs(state, list(out.token_ids or []), list(out.logprobs or []), offsets[index])
-                offsets[index] += len(text)
-                if out.finish_reason == "error":
-                    yield self._chunk(index, text, "error")
-                    yield sse(engine_failure(state.error or "unknown error").body())
-                elif text or lps or out.finish_reason:
-                    yield self._chunk(index, text, out.finish_reason, lps)
-        except (asyncio.CancelledError, GeneratorExit):
-            self.metrics.aborted.inc()
-            raise
-        except Exception as exc:  # an engine failure mid-stream ends this stream only
-            yield sse(engine_failure(f"{type(exc).__name__}: {exc}").body())
-            yield SSE_DONE
-            return
-        if self.req.include_usage:
-            completion_tokens = sum(s.completion_tokens for s in states.values())
-            yield sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                       "choices": [], "usage": usage(self._prompt_tokens(states), completion_tokens)})
-        yield SSE_DONE
+        async for index, out in merged(streams):
+            state = states[index]
+            state.add(out)
+            text = out.text or ""
+            lps = self._logprobs(state, list(out.token_ids or []), list(out.logprobs or []), offsets[index])
+            offsets[index] += len(text)
+            if out.finish_reason == "error":
+                yield self._chunk(index, text, "error")
+                yield sse(engine_failure(state.error or "unknown error").body())
+            elif text or lps or out.finish_reason:
+                yield self._chunk(index, text, out.finish_reason, lps)

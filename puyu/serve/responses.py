@@ -6,10 +6,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
+import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+
+from .errors import engine_failure
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -127,3 +130,24 @@ async def run_until_disconnect(request: Request, work: Any, metrics: Any = None)
             metrics.aborted.inc()
         raise ClientGone()
     return task.result()
+
+
+async def sse_body(events: AsyncIterator[str], tail: Callable[[], list[str]], metrics: Any) -> AsyncIterator[str]:
+    """A response stream: `events`, then `tail()` (the usage chunk) and [DONE]. A client that leaves is counted and
+    its engine requests closed at once; an engine failure ends this stream with an error event, not the server."""
+    try:
+        async for event in events:
+            yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        metrics.aborted.inc()
+        raise
+    except Exception as exc:
+        yield sse(engine_failure(f"{type(exc).__name__}: {exc}").body())
+        yield SSE_DONE
+        return
+    finally:
+        with anyio.CancelScope(shield=True):
+            await events.aclose()  # type: ignore[attr-defined]
+    for event in tail():
+        yield event
+    yield SSE_DONE
