@@ -1,6 +1,7 @@
 """`puyu chat` driven through a pseudo-terminal, and `puyu serve` as a real subprocess."""
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import pty
@@ -8,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 
 import httpx
@@ -15,7 +17,7 @@ import openai
 import pytest
 
 from puyu.config import EngineConfig, GenerationConfig
-from serve_testlib import free_port, scripted_checkpoint
+from serve_testlib import chain_ids, free_port, script_checkpoint, scripted_checkpoint
 
 ENGINE_FLAGS = ["--session-len", "2048", "--cache-max-entry-count", "256", "--cache-block-seq-len", "16"]
 REPLY_TEXT = 'Sure.{"name": "get_weather"}'  # the scripted reply with special tokens skipped
@@ -31,8 +33,13 @@ class Terminal:
 
     def __init__(self, argv: list[str]):
         self.master, slave = pty.openpty()
+
+        def controlling_terminal() -> None:  # so that Ctrl-C typed on the terminal becomes SIGINT
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=controlling_terminal)
         os.close(slave)
         self.buffer = ""
 
@@ -76,6 +83,33 @@ def test_serve_chat_in_a_terminal(scripted):
         term.expect("user> ")
         term.send("/help")
         term.expect("/reset")
+        term.send("/exit")
+        assert term.close() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+
+
+def test_serve_chat_ctrl_c_stops_the_reply_not_the_chat(checkpoint_factory, tmp_path):
+    import shutil
+
+    from puyu.tokenizer import Tokenizer
+
+    endless = tmp_path / "endless"
+    shutil.copytree(checkpoint_factory("internlm2", "fp16"), endless)
+    tok = Tokenizer(endless)
+    loop = chain_ids(tok, "assistant\n", "Paris") + tok.encode("P", add_special_tokens=False)  # ...ParisParis...
+    script_checkpoint(endless, [loop])
+    term = Terminal([sys.executable, "-m", "puyu.cli", "chat", str(endless), "--backend", "native",
+                     "--max-new-tokens", "4000", "--session-len", "4096", "--cache-max-entry-count", "300",
+                     "--cache-block-seq-len", "16"])
+    try:
+        term.expect("user> ")
+        term.send("go on forever")
+        term.expect("ParisParisParis")  # streaming has started
+        os.write(term.master, b"\x03")
+        term.expect("(reply stopped)")
+        term.expect("user> ")
         term.send("/exit")
         assert term.close() == 0
     finally:
