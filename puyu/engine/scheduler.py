@@ -1,11 +1,13 @@
 """Scheduler: picks the tokens of the next step under a token budget, with chunked prefill and recompute preemption.
 
-Each step runs every running sequence (decode: one token; unfinished prefill: the next chunk) in arrival order, then
-admits waiting sequences (first looking up their prefix in the cache) while the budget (`max_prefill_token_num`),
-`max_batch_size` and the free blocks allow; a prompt longer than the remaining budget is prefilled in chunks over
-several steps. When a running sequence needs a block and none is free, the most recently arrived running sequence is
-preempted: its blocks are released and it goes back to the front of the queue, to be recomputed (prompt and the
-tokens generated so far) when blocks are free again; the prefix cache usually revives most of it.
+Each step first runs the running sequences, decodes (one token each) before the next chunks of unfinished prefills
+(so a long prefill, or the recompute of a preempted sequence, does not stall the others), each group in arrival
+order; then it admits waiting sequences (first looking up their prefix in the cache) while the budget
+(`max_prefill_token_num`), `max_batch_size` and the free blocks allow. A prompt longer than the remaining budget is
+prefilled in chunks over several steps. When a running sequence needs a block and none is free, the most recently
+arrived running sequence not yet scheduled in this step is preempted: its blocks are released and it goes back to the
+front of the queue, to be recomputed (prompt and the tokens generated so far) when blocks are free again; the prefix
+cache usually revives most of it.
 """
 from __future__ import annotations
 
@@ -48,20 +50,24 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def schedule(self) -> list[ScheduledSeq]:
+        """Decodes first (one token each), then the next chunks of unfinished prefills, then new admissions."""
         budget = self.token_budget
         out: list[ScheduledSeq] = []
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
-            if n == 0:  # nothing new (cannot happen inside the engine: a completed chunk always adds a token)
-                i += 1
-                continue
-            if not self._make_room(seq, seq.num_computed + n):
-                break  # seq itself was preempted (it was the last one)
-            out.append(ScheduledSeq(seq, seq.num_computed, n))
-            budget -= n
-            i += 1
+        scheduled: set[int] = set()
+        for decoding in (True, False):
+            for seq in list(self.running):
+                if budget <= 0:
+                    break
+                if id(seq) in scheduled or seq not in self.running or (seq.num_uncomputed == 1) != decoding:
+                    continue
+                n = min(seq.num_uncomputed, budget)
+                if n == 0:  # nothing new (cannot happen inside the engine: a completed chunk always adds a token)
+                    continue
+                if not self._make_room(seq, seq.num_computed + n, scheduled):
+                    continue  # seq itself was preempted
+                out.append(ScheduledSeq(seq, seq.num_computed, n))
+                scheduled.add(id(seq))
+                budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
@@ -71,10 +77,13 @@ class Scheduler:
             budget -= chunk.num_tokens
         return out
 
-    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
-        """Allocate blocks for `seq`, preempting later arrivals while blocks run short; False if `seq` was preempted."""
+    def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
+        """Allocate blocks for `seq`, preempting the latest arrivals not yet in this step while blocks run short.
+
+        False if `seq` itself had to be preempted (it was the latest such arrival).
+        """
         while not self.bm.allocate(seq, num_tokens):
-            victim = self.running[-1]
+            victim = next(s for s in reversed(self.running) if id(s) not in scheduled)  # seq is a candidate
             self._preempt(victim)
             if victim is seq:
                 return False

@@ -104,3 +104,26 @@ def test_scheduler_preempts_the_latest_arrival():
     step = sch.schedule()
     assert [s.seq.request_id for s in step] == ["a"]
     assert list(sch.waiting) == [b] and b.block_table == [] and b.num_computed == 0 and b.preemptions == 1
+
+
+def test_decodes_go_before_a_long_recompute():
+    bm = BlockManager(64, BS)
+    sch = Scheduler(bm, max_batch_size=8, token_budget=8)
+    a, b = seq(range(20), "a"), seq(range(100, 103), "b")
+    sch.add(a)
+    sch.add(b)
+    for _ in range(3):  # a: 8 + 8 + 4 tokens; b is admitted in the third step
+        for s in sch.schedule():
+            s.seq.num_computed += s.num_tokens
+    a.output_ids.append(1)
+    b.output_ids.append(1)
+    sch._preempt(a)  # a, the older one, must now recompute 21 tokens
+    steps = []
+    for _ in range(2):
+        step = sch.schedule()
+        steps.append([(s.seq.request_id, s.num_tokens) for s in step])
+        for s in step:
+            s.seq.num_computed += s.num_tokens
+            if s.completes:
+                s.seq.output_ids.append(1)
+    assert steps == [[("b", 1), ("a", 7)], [("b", 1), ("a", 7)]]
