@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from conftest import DOCS, running_app, upload
+from webui_testlib import DOCS, running_app, upload
 
 pytest.importorskip("lagent", reason="the data-analysis tab needs the agent extra (puyu[agent])")
 

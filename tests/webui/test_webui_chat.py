@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from playwright.sync_api import expect
 
-from conftest import DOCS, Recording, letters, running_app, send, upload
+from webui_testlib import DOCS, Recording, letters, running_app, send, upload
 from puyu.config import EngineConfig
 from puyu.engine import AsyncEngine
 from puyu.agent.runner import RunConfig

@@ -8,7 +8,7 @@ import openai
 import pytest
 from playwright.sync_api import expect
 
-from conftest import Process, free_port, letters, running_app, send, upload
+from webui_testlib import Process, free_port, letters, running_app, send, upload
 from puyu.tokenizer import Tokenizer
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import OpenAIBackend

@@ -1,0 +1,140 @@
+"""Helpers for the web UI tests (imported by name; the fixtures are in conftest.py): the app on a free port, a
+recording backend wrapper, `puyu` subprocesses, and page actions."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+CHROMIUM = os.environ.get("PUYU_CHROMIUM", "/usr/bin/chromium")
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                 "--no-first-run", "--disable-component-update", "--disable-sync"]
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+expect_timeout_ms = 60_000  # a generous ceiling for slow CI; no test depends on how fast anything is
+
+
+class Recording:
+    """Wraps a real chat backend: records every request it gets, and can hold a stream after its first text chunk
+    until the test calls `release()` (so the test can see a partial reply in the page without racing the engine)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.description = inner.description
+        self.requests: list[tuple[list[dict], object]] = []
+        self.replies: list[str] = []
+        self.hold = False
+        self._released = threading.Event()
+        self.holding = threading.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def stream(self, messages, settings):
+        self.requests.append(([dict(m) for m in messages], settings))
+        self._released.clear()
+        held, text = False, ""
+        async for chunk in self.inner.stream(messages, settings):
+            text += chunk.text
+            yield chunk
+            if self.hold and not held and chunk.text:
+                held = True
+                self.holding.set()
+                await asyncio.to_thread(self._released.wait, expect_timeout_ms / 1000)
+                self.holding.clear()
+        self.replies.append(text)
+
+    def close(self) -> None:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(backend, config=None) -> Iterator[str]:
+    """Build the real app around `backend`, serve it on 127.0.0.1 at a free port, yield its URL."""
+    from puyu.webui.app import build_app, launch
+
+    app = build_app(backend, config)
+    url = launch(app, "127.0.0.1", free_port(), config)
+    try:
+        yield url
+    finally:
+        app.close()
+
+
+class Process:
+    """A real `puyu ...` subprocess, its output kept in a file (shown when it fails to come up)."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "puyu.cli", *args], stdout=log.open("w"),
+                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                     start_new_session=True)
+
+    def wait_http(self, url: str, timeout_s: float = 180.0) -> None:
+        """Until `url` answers 200 (or the process exits, or the generous ceiling passes)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{url} never came up (exit code {self.proc.poll()}):\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+def letters(text: str) -> str:
+    """Letters and digits only: what survives Markdown rendering of a random model's reply unchanged."""
+    return re.sub(r"[\W_]", "", text)
+
+
+def send(page, text: str) -> None:
+    """Type a message into the chat tab and press Enter."""
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#chat-input textarea").press("Enter")
+
+
+def upload(page, *paths: Path) -> None:
+    """Put files into the data-analysis tab's upload box and wait until the page lists every one of them."""
+    page.get_by_role("tab", name="Data analysis").click()
+    page.locator("#analysis-files input[type='file']").set_input_files([str(p) for p in paths])
+    for path in paths:
+        expect_count(page.locator(f"#analysis-files a[href$='/{path.name}']"), 1)
+
+
+def expect_count(locator, n: int) -> None:
+    from playwright.sync_api import expect
+
+    expect(locator).to_have_count(n)
