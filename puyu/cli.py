@@ -68,4 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # under `python -m puyu.cli` this file runs as __main__, a second copy of the module whose CLIError
+    # would not be the one the areas raise: dispatch through the imported module instead
+    from puyu.cli import main as _main
+
+    sys.exit(_main())

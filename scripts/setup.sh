@@ -10,6 +10,8 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q torch==2.13.0
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/pip install -q -e ".[test,bench,webui,agent]"
+  # LMDeploy's pure-Python config classes, to test our TurboMind option mapping against them (no CUDA needed)
+  .venv/bin/pip install -q --no-deps lmdeploy==0.7.3 && .venv/bin/pip install -q mmengine-lite
   if ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
