@@ -14,7 +14,7 @@ if [ "${1:-}" = "--test" ]; then
   .venv/bin/pip install -q --no-deps lmdeploy==0.7.3 && .venv/bin/pip install -q mmengine-lite
   if ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null
   fi
 else
   .venv/bin/pip install -q -e ".[bench]"
