@@ -7,9 +7,13 @@ A quantised linear `W[in, out]` is `(q - z) * s` with q, z in 0..15 and s per gr
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
+
+if sys.byteorder != "little":  # the packings read an int32 word as 4 little-endian bytes
+    raise ImportError("puyu's int4 packing assumes a little-endian machine")
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 NATURAL_ORDER = tuple(range(8))
@@ -26,20 +30,22 @@ def unpack_int4(packed: torch.Tensor, order: tuple[int, ...] = NATURAL_ORDER) ->
     """int32 `[..., n/8]` -> uint8 `[..., n]`; `order[i]` is the column held by nibble i."""
     if packed.dtype != torch.int32:
         raise ValueError(f"packed int4 tensor must be int32, got {packed.dtype}")
-    nibbles = [((packed >> (4 * i)) & 15).to(torch.uint8) for i in range(8)]
-    columns = [nibbles[i] for i in _inverse(order)]
-    return torch.stack(columns, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 8)
+    raw = packed.contiguous().view(torch.uint8)  # little-endian: byte j holds nibbles 2j (low) and 2j+1 (high)
+    nibbles = torch.stack([raw & 15, raw >> 4], dim=-1).reshape(*packed.shape, 8)
+    if order != NATURAL_ORDER:
+        nibbles = nibbles[..., list(_inverse(order))]
+    return nibbles.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
 
 
 def pack_int4(values: torch.Tensor, order: tuple[int, ...] = NATURAL_ORDER) -> torch.Tensor:
     """uint8 (or any integer) `[..., n]` with values 0..15 -> int32 `[..., n/8]`."""
     if values.shape[-1] % 8:
         raise ValueError(f"cannot pack {values.shape[-1]} columns into int32 words of 8 nibbles")
-    groups = values.to(torch.int32).reshape(*values.shape[:-1], values.shape[-1] // 8, 8)
-    word = torch.zeros(groups.shape[:-1], dtype=torch.int32, device=values.device)
-    for nibble, column in enumerate(order):
-        word |= (groups[..., column] & 15) << (4 * nibble)
-    return word
+    nibbles = (values.to(torch.uint8) & 15).reshape(*values.shape[:-1], values.shape[-1] // 8, 8)
+    if order != NATURAL_ORDER:
+        nibbles = nibbles[..., list(order)]  # nibble i holds column order[i]
+    raw = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return raw.contiguous().view(torch.int32).reshape(*values.shape[:-1], values.shape[-1] // 8)
 
 
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
