@@ -2,12 +2,14 @@
 
 Both servers get the same weights: puyu serves the InternLM2-layout checkpoint, transformers the Llama-layout twin
 built with the same seed and shape (puyu.tiny draws identical tensors for both layouts). Both run on CPU in float32
-with 2 threads, and are measured by the same client (`puyu bench serve`, chat endpoint, streaming, greedy) at each
-concurrency with random token-exact prompts and forced output lengths (puyu: `ignore_eos`; transformers:
-`generation_config` with `eos_token_id: -1`, since it rejects `ignore_eos`).
+with --threads torch threads and a 256-block KV cache, and are measured by the same client (`puyu bench serve`, chat
+endpoint, streaming, greedy) at each concurrency with random token-exact prompts and forced output lengths (puyu:
+`ignore_eos`; transformers: `generation_config` with `eos_token_id: -1`, since it rejects `ignore_eos`). Both servers
+stay up and the levels are interleaved, so background load hits both alike.
 
     .venv/bin/python benchmarks/serve_vs_transformers.py --threads 1
-    # writes benchmarks/results/serve_vs_transformers.{json,png}
+    # writes benchmarks/results/serve_vs_transformers.{json,png}; the committed result used 1 thread each because
+    # the 2 shared cores had a background load average of ~10 (2 threads each made both servers spin-wait)
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts-per-level", type=int, nargs="+", default=[8, 16, 64],
                    help="requests measured at each concurrency (same order)")
     p.add_argument("--input-len", type=int, default=64, help="user prompt tokens (the chat template adds ~16)")
-    p.add_argument("--range-ratio", type=float, default=0.1, help="vllm mode: prompt lengths in [L(1-r), L(1+r)]")
+    p.add_argument("--range-ratio", type=float, default=0.1,
+                   help="vllm mode: prompt lengths in [L(1-r), L(1+r)]; outputs are exactly --output-len")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-blocks", type=int, default=256,
@@ -59,7 +62,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="checkpoints, logs, per-request files (default tmp)")
     p.add_argument("--only", choices=("puyu", "transformers"), default=None)
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from the existing result JSON")
+    p.add_argument("--tiny", action="store_true", help="the tests' 2-layer shape instead (a smoke run)")
     return p.parse_args()
+
+
+def model_shape(args: argparse.Namespace) -> TinyShape:
+    """The benchmark shape, or the tests' tiny one with --tiny (a smoke run of the whole script)."""
+    return TinyShape() if args.tiny else SHAPE
 
 
 def count_params(shape: TinyShape, vocab: int) -> int:
@@ -71,8 +80,9 @@ def count_params(shape: TinyShape, vocab: int) -> int:
 
 def server_commands(args: argparse.Namespace, work: Path) -> dict[str, tuple[list[str], Path, str, dict]]:
     """name -> (command, model dir, ready path, extra client options)."""
-    internlm2 = build_checkpoint(work / "internlm2", "internlm2", torch.float32, SHAPE, seed=args.seed, num_shards=2)
-    llama = build_checkpoint(work / "llama", "llama", torch.float32, SHAPE, seed=args.seed, num_shards=2)
+    shape = model_shape(args)
+    internlm2 = build_checkpoint(work / "internlm2", "internlm2", torch.float32, shape, seed=args.seed, num_shards=2)
+    llama = build_checkpoint(work / "llama", "llama", torch.float32, shape, seed=args.seed, num_shards=2)
     exe = Path(sys.executable).parent
     puyu_cmd = [sys.executable, "-m", "puyu.cli", "serve", str(internlm2), "--model-name", "internlm2-random",
                 "--num-threads", str(args.threads), "--dtype", "float32", "--log-level", "warning",
@@ -102,7 +112,7 @@ def measure_level(name: str, spec: tuple, server: ServerProcess, conc: int, n: i
     _, model_dir, _, client_opts = spec
     client = ClientConfig(base_url=server.base_url, endpoint="chat", **client_opts)
     dataset = DatasetConfig("random", num_prompts=n, input_len=args.input_len, output_len=args.output_len,
-                            range_ratio=args.range_ratio, seed=args.seed)
+                            range_ratio=args.range_ratio, output_range_ratio=0.0, seed=args.seed)
     opts = BenchOptions(num_warmups=args.num_warmups, result_dir=work / "runs", label=f"{name}-c{conc}",
                         plots=False, progress=False)
     summary = run_serve_bench(client, dataset, LoadConfig(max_concurrency=conc), opts, str(model_dir),
@@ -165,11 +175,13 @@ def main() -> int:
     vocab = json.loads((work / "internlm2" / "config.json").read_text())["vocab_size"]
     out = {
         "description": __doc__.strip().splitlines()[0],
-        "setup": {"shape": SHAPE.__dict__, "vocab_size": vocab, "params": count_params(SHAPE, vocab),
+        "setup": {"shape": model_shape(args).__dict__, "vocab_size": vocab,
+                  "params": count_params(model_shape(args), vocab),
                   "dtype": "float32", "threads": args.threads, "kv_blocks_of_64_tokens": args.kv_blocks,
                   "concurrency": args.concurrency,
                   "prompts_per_level": args.prompts_per_level, "input_len": args.input_len,
-                  "range_ratio": args.range_ratio, "range_mode": "vllm", "output_len": args.output_len,
+                  "range_ratio": args.range_ratio, "range_mode": "vllm", "output_range_ratio": 0.0,
+                  "output_len": args.output_len,
                   "endpoint": "chat", "num_warmups": args.num_warmups, "seed": args.seed,
                   "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "formulas": FORMULAS,

@@ -25,6 +25,8 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--range-ratio", type=float, default=None,
                    help="length spread: vllm mode [L(1-r), L(1+r)] (default r=0), sglang mode [L*r, L] (default 1)")
     g.add_argument("--range-mode", choices=RANGE_MODES, default="vllm")
+    g.add_argument("--output-range-ratio", type=float, default=None,
+                   help="random: a different ratio for output lengths (0 = exactly --output-len)")
     g.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens of each shared prefix")
     g.add_argument("--num-groups", type=int, default=4, help="shared-prefix: number of distinct prefixes")
     g.add_argument("--seed", type=int, default=0)
@@ -57,7 +59,8 @@ def dataset_config(args: argparse.Namespace) -> DatasetConfig:
         ratio = 0.0 if args.range_mode == "vllm" else 1.0
     cfg = DatasetConfig(name=args.dataset, path=args.dataset_path, num_prompts=args.num_prompts,
                         input_len=args.input_len, output_len=args.output_len or 128, range_ratio=ratio,
-                        range_mode=args.range_mode, seed=args.seed, prefix_len=args.prefix_len,
+                        range_mode=args.range_mode, output_range_ratio=args.output_range_ratio,
+                        seed=args.seed, prefix_len=args.prefix_len,
                         num_groups=args.num_groups)
     cfg.validate()
     return cfg

@@ -36,6 +36,7 @@ class DatasetConfig:
     output_len: int = 128
     range_ratio: float = 0.0
     range_mode: str = "vllm"
+    output_range_ratio: Optional[float] = None  # None: the same as range_ratio (vLLM, SGLang); 0 fixes outputs
     seed: int = 0
     prefix_len: int = 512  # shared-prefix: tokens of the common system prefix
     num_groups: int = 4  # shared-prefix: number of distinct prefixes
@@ -55,6 +56,8 @@ class DatasetConfig:
             raise ValueError(f"--range-ratio must be in [0, 1) with --range-mode vllm, got {self.range_ratio}")
         if self.range_mode == "sglang" and not 0 < self.range_ratio <= 1:
             raise ValueError(f"--range-ratio must be in (0, 1] with --range-mode sglang, got {self.range_ratio}")
+        if self.output_range_ratio is not None and not 0 <= self.output_range_ratio <= 1:
+            raise ValueError(f"--output-range-ratio must be in [0, 1], got {self.output_range_ratio}")
 
 
 def length_bounds(length: int, ratio: float, mode: str) -> tuple[int, int]:
@@ -104,7 +107,11 @@ def random_dataset(cfg: DatasetConfig, tokenizer: Any) -> list[SampleRequest]:
     rng = random.Random(cfg.seed)
     vocab = _normal_token_ids(tokenizer)
     in_lo, in_hi = length_bounds(cfg.input_len, cfg.range_ratio, cfg.range_mode)
-    out_lo, out_hi = length_bounds(cfg.output_len, cfg.range_ratio, cfg.range_mode)
+    out_ratio = cfg.range_ratio if cfg.output_range_ratio is None else cfg.output_range_ratio
+    if out_ratio == 0:
+        out_lo = out_hi = cfg.output_len
+    else:
+        out_lo, out_hi = length_bounds(cfg.output_len, out_ratio, cfg.range_mode)
     samples = []
     for _ in range(cfg.num_prompts):
         text, n = exact_prompt(tokenizer, rng.randint(in_lo, in_hi), rng, vocab)

@@ -9,7 +9,7 @@ PERCENTILE_METHOD = "linear interpolation between closest ranks (numpy 'linear',
 
 
 def percentile(values: Sequence[float], p: float) -> float:
-    """The p-th percentile, linearly interpolated: h = (n-1)p/100, x[floor h] + frac(h)·(x[floor h + 1] - x[floor h])."""
+    """The p-th percentile, linearly interpolated: h = (n-1)p/100, x[⌊h⌋] + frac(h)·(x[⌊h⌋+1] - x[⌊h⌋])."""
     if not 0 <= p <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {p}")
     if not values:

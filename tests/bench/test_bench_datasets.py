@@ -52,6 +52,14 @@ def test_random_lengths_stay_within_the_mode_bounds(tokenizer, mode, ratio, lo, 
         assert s.prompt_len == n_tokens(tokenizer, s.prompt)
 
 
+def test_output_range_ratio_can_fix_outputs(tokenizer):
+    cfg = DatasetConfig("random", num_prompts=20, input_len=30, output_len=16, range_ratio=0.5, output_range_ratio=0)
+    samples = load_dataset(cfg, tokenizer)
+    assert {s.output_len for s in samples} == {16} and len({s.prompt_len for s in samples}) > 3
+    cfg.output_range_ratio = 0.25
+    assert {s.output_len for s in load_dataset(cfg, tokenizer)} <= set(range(12, 21))
+
+
 @pytest.mark.parametrize("mode,ratio", [("vllm", 1.0), ("sglang", 0.0), ("vllm", -0.1)])
 def test_bad_range_ratio_names_the_option(mode, ratio):
     with pytest.raises(ValueError, match="--range-ratio"):
