@@ -182,6 +182,9 @@ class TPPlan:
             return parts[0]
         if len(parts) != self.tp:
             raise CheckpointError(f"{name}: {len(parts)} rank files for tp {self.tp}")
+        if self.tp == 1 and (rule in ("qkv", "rows", "copy") or
+                             (rule.startswith("ffn") and self.inter_pad == self.inter_size)):
+            return parts[0]  # nothing to undo: keep the file's own (memory-mapped) tensor
         kind = name.rsplit(".", 1)[1]
         packed = kind == "qweight"
         xs = [unpack_int4(p) for p in parts] if packed else parts
