@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .convert.spec import CheckpointError
-from .tiny import INTERNLM2_CHAT_TEMPLATE, PROTOCOL_TOKENS
+from .tiny import INTERNLM2_CHAT_TEMPLATE
 
 # InternLM2 snapshots that keep placeholder names for the protocol tokens inside the SentencePiece vocabulary.
 _INTERNLM2_PLACEHOLDERS = {"<|plugin|>": "[UNUSED_TOKEN_141]", "<|interpreter|>": "[UNUSED_TOKEN_142]",

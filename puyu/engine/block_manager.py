@@ -8,7 +8,7 @@ allocation takes the least recently released block (LRU eviction), dropping its 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from .sequence import Sequence
