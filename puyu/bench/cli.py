@@ -124,8 +124,10 @@ def _register_compare(sub) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare_table, load_summaries, plot_compare
+    from .metrics import formulas_header
 
     runs = load_summaries(args.results)
+    print(formulas_header())
     print(compare_table(runs))
     if args.plot:
         print(f"wrote {plot_compare(runs, args.plot)}")

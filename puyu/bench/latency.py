@@ -18,7 +18,7 @@ from .datasets import DatasetConfig, load_dataset
 from .engine_bench import make_engine_sender, open_engine
 from .environment import collect_environment
 from .load import LoadConfig
-from .metrics import FORMULAS
+from .metrics import FORMULAS, formulas_header
 from .plots import plot_against_load
 from .report import write_json
 from .runner import measure
@@ -62,7 +62,7 @@ def format_latency_table(rows: list[dict[str, Any]], percentiles: Sequence[float
     p = percentile_key(max(percentiles))
     head = f"{'batch':>5} {'in':>5} {'out':>5} {'ok':>4} {'fail':>4} {'out tok/s':>10} " \
            f"{'TTFT mean':>10} {'TTFT ' + p:>10} {'TPOT mean':>10} {'TPOT ' + p:>10}  (ms)"
-    lines = ["Formulas:"] + [f"  {f}" for f in FORMULAS] + [head, "-" * len(head)]
+    lines = [formulas_header(), head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['batch']:>5} {r['input_len']:>5} {r['output_len']:>5} {r['completed']:>4} {r['failed']:>4} "
                      f"{r['output_throughput']:>10.1f} {r['mean_ttft_ms']:>10.2f} {r[f'{p}_ttft_ms']:>10.2f} "

@@ -29,6 +29,13 @@ FORMULAS = [
     f"statistics: mean, population std, min, max; percentiles by {PERCENTILE_METHOD}",
 ]
 
+
+
+def formulas_header() -> str:
+    """The block printed at the top of every report."""
+    return "\n".join(["Formulas:"] + [f"  {f}" for f in FORMULAS])
+
+
 SLO_METRICS = ("ttft", "tpot", "e2el")
 LATENCY_METRICS = ("ttft", "tpot", "itl", "itl_per_token", "e2el", "e2el_incl_queue", "client_queue")
 

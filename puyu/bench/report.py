@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .metrics import FORMULAS
+from .metrics import formulas_header
 from .records import RequestRecord
 from .stats import percentile_key
 
@@ -60,7 +60,7 @@ def read_json(path: Path | str, option: str = "") -> Any:
 
 def format_table(summary: dict[str, Any], title: str = "Serving Benchmark Result") -> str:
     """A vLLM-style console table, with the metric formulas first."""
-    lines = ["Formulas:"] + [f"  {f}" for f in FORMULAS]
+    lines = [formulas_header()]
     width = 60
     lines.append(f"{' ' + title + ' ':=^{width}}")
 

@@ -85,7 +85,7 @@ def test_completions_sweep_writes_sweep_files(tf_server, tmp_path):
     code, out, err = run_cli(["bench", "compare", str(tmp_path / "tf-cmpl-c1.json"), str(tmp_path / "tf-cmpl-c3.json"),
                               "--plot", str(tmp_path / "cmp.png")])
     assert code == 0, err
-    assert "tf-cmpl-c3 / tf-cmpl-c1" in out and "output tok/s" in out
+    assert "tf-cmpl-c3 / tf-cmpl-c1" in out and "output tok/s" in out and "Formulas:" in out
     assert (tmp_path / "cmp.png").exists()
 
 
