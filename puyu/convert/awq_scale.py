@@ -4,9 +4,9 @@ One float forward pass of the transformers reference model over a calibration te
 group of linears that share an input: the attention input (q/k/v, after attention_norm), the FFN input (gate/up,
 after ffn_norm) and the down projection's input (silu(gate) * up). For each group, per-input-channel scales
 `s = mean|x| ** a` (normalised) are searched over a grid of `a` in [0, 1] (a = 0 is plain RTN) to minimise
-`|| X W^T - X (Q(W diag(s)) diag(1/s))^T ||` with Q the group-wise RTN quantiser; the best `s` is multiplied into the weights' input columns and divided
-out of the op producing the input (the norm weight, or the up projection's rows), which leaves the float model
-unchanged. The attention output projection is not scaled (its input comes from v through attention; with grouped
+`|| X W^T - X (Q(W diag(s)) diag(1/s))^T ||` with Q the group-wise RTN quantiser; the best `s` is multiplied
+into the weights' input columns and divided out of the op producing the input (the norm weight, or the up
+projection's rows), which leaves the float model unchanged. The attention output projection is not scaled (its input comes from v through attention; with grouped
 KV heads its channels do not map one to one onto v's rows).
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .spec import CheckpointError, read_json, read_model_spec
+from .spec import CheckpointError, read_model_spec
 
 
 @dataclass

@@ -58,7 +58,8 @@ class QuantizeResult:
     awq_scaled: bool
 
 
-def quantize_checkpoint(src: Path | str, dst: Path | str, options: QuantizeOptions = QuantizeOptions()) -> QuantizeResult:
+def quantize_checkpoint(src: Path | str, dst: Path | str,
+                        options: QuantizeOptions = QuantizeOptions()) -> QuantizeResult:
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     options.validate()

@@ -88,7 +88,8 @@ class TPPlan:
     def _validate_int4(self) -> None:
         g = self.group_size
         if g not in SUPPORTED_GROUP_SIZES:
-            raise CheckpointError(f"unsupported group size {g}; supported: {', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
+            supported = ", ".join(map(str, SUPPORTED_GROUP_SIZES))
+            raise CheckpointError(f"unsupported group size {g}; supported: {supported}")
         if self.hidden_size % g:
             raise CheckpointError(f"group size {g} does not divide hidden_size {self.hidden_size}")
         if (self.num_heads * self.head_dim // self.tp) % g:
