@@ -1,12 +1,16 @@
-"""Checkpoint readers and the TurboMind workspace converter."""
+"""Checkpoint readers and the TurboMind workspace converter.
+
+torch is imported only when weights are read, so that `puyu --help` and the CLI parsers stay fast.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .readers import read_hf_checkpoint
 from .spec import CheckpointError, ModelSpec, read_model_spec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CheckpointError", "ModelSpec", "is_workspace", "load_model_weights", "read_model_spec"]
 
@@ -15,11 +19,14 @@ def is_workspace(path: Path | str) -> bool:
     return (Path(path) / "triton_models").exists()
 
 
-def load_model_weights(path: Path | str, dtype: torch.dtype | None = None) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+def load_model_weights(path: Path | str,
+                       dtype: "torch.dtype | None" = None) -> tuple[ModelSpec, dict[str, "torch.Tensor"]]:
     """TurboMind-layout tensors at tp=1 from an HF directory or a TurboMind workspace (see DEVELOPERS.md)."""
     path = Path(path)
     if is_workspace(path):
-        from .workspace import read_workspace  # written with the on-disk converter
+        from .workspace import read_workspace
 
         return read_workspace(path, dtype)
+    from .readers import read_hf_checkpoint
+
     return read_hf_checkpoint(path, dtype)
