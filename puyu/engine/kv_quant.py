@@ -8,7 +8,8 @@ Per token and per KV head, over the `head_dim` values x of that head (asymmetric
     x_hat = q * scale + zero
 
 `scale` and `zero` are stored in the compute dtype. They are computed in float32 and rounded to the compute dtype
-*before* `q` is computed, so that the dequantisation uses exactly the parameters the integers were made with.
+*before* `q` is computed, so that the dequantisation uses exactly the parameters the integers were made with (as
+TurboMind does: it quantises with the 16-bit parameters it stores).
 A constant vector (max == min) gives scale 0: we divide by 1 instead (LMDeploy has no guard), so q = 0 and
 x_hat = zero = x exactly.
 
@@ -21,9 +22,6 @@ from __future__ import annotations
 import sys
 
 import torch
-
-if sys.byteorder != "little":  # the int4 word layout below reads 4 bytes as one little-endian int32
-    raise ImportError("puyu's int4 KV packing assumes a little-endian machine")
 
 SUPPORTED_BITS = (8, 4)
 NIBBLES_PER_WORD = 8
@@ -62,12 +60,18 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: 
     return x_hat.to(dtype)
 
 
+def _check_little_endian() -> None:
+    if sys.byteorder != "little":  # the word layout reads 4 bytes as one little-endian int32
+        raise RuntimeError("int4 KV packing assumes a little-endian machine")
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8 values in [0, 15], last dim D (a multiple of 8) -> int32 words, last dim D/8 (low nibble first).
 
     Two values go into one byte (even index in the low nibble), and four consecutive bytes are read as one
     little-endian int32, so value j of a group of 8 lands in bits [4j, 4j+4) of its word.
     """
+    _check_little_endian()
     d = q.shape[-1]
     if d % NIBBLES_PER_WORD:
         raise ValueError(f"int4 packing needs a last dim that is a multiple of 8, got {d}")
@@ -78,5 +82,6 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(words: torch.Tensor) -> torch.Tensor:
     """int32 words, last dim W -> uint8 values in [0, 15], last dim 8W (inverse of `pack_int4`)."""
+    _check_little_endian()
     pairs = words.contiguous().view(torch.uint8)
     return torch.stack([pairs & 0xF, pairs >> 4], dim=-1).reshape(*words.shape[:-1], -1)
