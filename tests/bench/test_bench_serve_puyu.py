@@ -18,12 +18,9 @@ def puyu_server(internlm2_checkpoint, tmp_path_factory):
     cmd = [sys.executable, "-m", "puyu.cli", "serve", str(internlm2_checkpoint), "--server-port", str(port),
            "--model-name", "tiny-internlm2", "--api-keys", API_KEY, "--num-threads", "2", "--log-level", "warning",
            "--cache-max-entry-count", "64"]  # 64 KV blocks, not a fraction of the shared machine's RAM
-    server = Server(cmd, port, tmp_path_factory.mktemp("puyu-serve") / "server.log", ready_path="/health")
-    try:
+    with Server(cmd, port, tmp_path_factory.mktemp("puyu-serve") / "server.log", ready_path="/health") as server:
         server.wait_ready()
         yield server, internlm2_checkpoint
-    finally:
-        server.stop()
 
 
 def args_for(server, model_dir, out_dir, label, *extra):

@@ -26,13 +26,10 @@ def tf_server(checkpoint_factory, tmp_path_factory):
     assert exe, "the transformers CLI is part of the test environment"
     model = checkpoint_factory("llama", "fp16")
     port = free_port()
-    server = Server([str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                    port, tmp_path_factory.mktemp("tf-serve") / "server.log")
-    try:
+    cmd = [str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with Server(cmd, port, tmp_path_factory.mktemp("tf-serve") / "server.log") as server:
         server.wait_ready()
         yield server, model
-    finally:
-        server.stop()
 
 
 def bench_args(base_url, model, out_dir, label, *extra):
