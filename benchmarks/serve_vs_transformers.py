@@ -8,8 +8,12 @@ endpoint, streaming, greedy) at each concurrency with random token-exact prompts
 stay up and the levels are interleaved, so background load hits both alike.
 
     .venv/bin/python benchmarks/serve_vs_transformers.py --threads 1
-    # writes benchmarks/results/serve_vs_transformers.{json,png}; the committed result used 1 thread each because
-    # the 2 shared cores had a background load average of ~10 (2 threads each made both servers spin-wait)
+    # writes benchmarks/results/serve_vs_transformers.{json,png}
+    .venv/bin/python benchmarks/serve_vs_transformers.py --threads 2 --out-dir benchmarks/results/threads2
+
+The main result uses 1 thread each: on these 2 shared cores, `transformers serve` keeps its event-loop thread busy
+(~100% of a core, seen with top -H) while its model thread works, so with 2 torch threads its compute threads get
+about one core and it runs 5x slower than with 1 (results/threads2 holds that run, for the record).
 """
 from __future__ import annotations
 
