@@ -532,7 +532,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].bar(labels, [r["output_tok_per_s"] for r in rows])
     axes[0].set_ylabel("output tokens / s")
     axes[1].bar(labels, [r["ttft_s"].get("mean", 0) for r in rows])
-    axes[1].set_ylabel("mean TTFT (s, from t=0)")
+    axes[1].set_ylabel("mean TTFT (s, from t=0, log scale)")
+    axes[1].set_yscale("log")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7, rotation=45)
     fig.suptitle(f"engine_throughput: {result['model']['parameters'] / 1e6:.0f}M params, {result['device']}, "
