@@ -40,7 +40,7 @@ def unpack_int4(packed: torch.Tensor, order: tuple[int, ...] = NATURAL_ORDER) ->
 def pack_int4(values: torch.Tensor, order: tuple[int, ...] = NATURAL_ORDER) -> torch.Tensor:
     """uint8 (or any integer) `[..., n]` with values 0..15 -> int32 `[..., n/8]`."""
     if values.shape[-1] % 8:
-        raise ValueError(f"cannot pack {values.shape[-1]} columns into int32 words of 8 nibbles")
+        raise ValueError(f"int4 packing needs a last dim that is a multiple of 8, got {values.shape[-1]}")
     nibbles = (values.to(torch.uint8) & 15).reshape(*values.shape[:-1], values.shape[-1] // 8, 8)
     if order != NATURAL_ORDER:
         nibbles = nibbles[..., list(order)]  # nibble i holds column order[i]

@@ -12,13 +12,9 @@ from typing import Optional
 
 import torch
 
+from ..convert.awq import unpack_int4
+
 _FUSED_GROUP_SIZES = (32, 64, 128, 256)
-
-
-def _unpack(qweight: torch.Tensor) -> torch.Tensor:
-    """int32 `[in, out/8]` -> uint8 `[in, out]` (nibble i of a word is column 8w + i)."""
-    raw = qweight.contiguous().view(torch.uint8)  # little-endian: byte j holds columns 2j (low) and 2j+1 (high)
-    return torch.stack([raw & 15, raw >> 4], dim=-1).reshape(qweight.shape[0], -1)
 
 
 class Int4Linear:
@@ -44,7 +40,7 @@ class Int4Linear:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense `[in, out]` weight."""
         groups = self.in_features // self.group_size
-        q = _unpack(self.qweight).to(dtype).view(groups, self.group_size, self.out_features)
+        q = unpack_int4(self.qweight).to(dtype).view(groups, self.group_size, self.out_features)
         s = self.scales.to(q.device, dtype).unsqueeze(1)
         z = self.zeros.to(q.device, dtype).unsqueeze(1)
         return ((q - z) * s).view(self.in_features, self.out_features)
@@ -106,7 +102,7 @@ class Int4Linear:
         """
         key = (x.device, x.dtype)
         if key not in self._packed:
-            q = _unpack(self.qweight.to(x.device)).t().contiguous().to(torch.int32)  # [out, in]
+            q = unpack_int4(self.qweight.to(x.device)).t().contiguous().to(torch.int32)  # [out, in]
             if x.device.type == "cuda":
                 pairs = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
                 packed = torch.ops.aten._convert_weight_to_int4pack(pairs, 8)

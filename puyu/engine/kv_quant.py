@@ -19,9 +19,10 @@ weights). `head_dim` must be a multiple of 8.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
+
+# one int4 packing for 4-bit weights and the KV cache (natural order, low nibble first)
+from ..convert.awq import pack_int4, unpack_int4  # noqa: F401  (re-exported)
 
 SUPPORTED_BITS = (8, 4)
 NIBBLES_PER_WORD = 8
@@ -60,28 +61,3 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: 
     return x_hat.to(dtype)
 
 
-def _check_little_endian() -> None:
-    if sys.byteorder != "little":  # the word layout reads 4 bytes as one little-endian int32
-        raise RuntimeError("int4 KV packing assumes a little-endian machine")
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 values in [0, 15], last dim D (a multiple of 8) -> int32 words, last dim D/8 (low nibble first).
-
-    Two values go into one byte (even index in the low nibble), and four consecutive bytes are read as one
-    little-endian int32, so value j of a group of 8 lands in bits [4j, 4j+4) of its word.
-    """
-    _check_little_endian()
-    d = q.shape[-1]
-    if d % NIBBLES_PER_WORD:
-        raise ValueError(f"int4 packing needs a last dim that is a multiple of 8, got {d}")
-    q = q.to(torch.uint8)
-    pairs = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
-    return pairs.view(torch.int32)  # bit 31 may be set: the word is then negative, its bits unchanged
-
-
-def unpack_int4(words: torch.Tensor) -> torch.Tensor:
-    """int32 words, last dim W -> uint8 values in [0, 15], last dim 8W (inverse of `pack_int4`)."""
-    _check_little_endian()
-    pairs = words.contiguous().view(torch.uint8)
-    return torch.stack([pairs & 0xF, pairs >> 4], dim=-1).reshape(*words.shape[:-1], -1)
