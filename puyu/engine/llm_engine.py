@@ -22,7 +22,7 @@ from .memory import cpu_threads, num_cache_blocks, resolve_device, resolve_dtype
 from .model import DecoderModel
 from .model_runner import ModelRunner
 from .outputs import StreamOutput, TextStream
-from .sampler import SampleRequest, make_generator, sample
+from .sampler import SampleRequest, SamplingFailed, make_generator, sample
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -156,7 +156,15 @@ class LLMEngine:
         reqs = [self.requests[s.request_id] for s in done]
         tokens, logprobs = sample(logits, [SampleRequest(r.seq.gen_config, r.seq.prompt_ids, r.seq.output_ids,
                                                          sorted(r.stop_ids), r.seq.generator) for r in reqs])
-        return [self._append(r, t, lp) for r, t, lp in zip(reqs, tokens, logprobs)]
+        outputs = []
+        for req, token, lp in zip(reqs, tokens, logprobs):
+            if isinstance(token, SamplingFailed):
+                out = self.abort(req.seq.request_id, "error", str(token))
+            else:
+                out = self._append(req, token, lp)
+            if out is not None:
+                outputs.append(out)
+        return outputs
 
     def _unschedulable(self) -> list[StreamOutput]:
         """Nothing fits although work is waiting (cannot happen with a consistent config): fail the head request."""

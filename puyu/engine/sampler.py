@@ -87,20 +87,38 @@ def token_logprobs(logits: torch.Tensor, token: int, k: int) -> dict[int, float]
     return out
 
 
-def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> tuple[list[int], list[Optional[dict[int, float]]]]:
-    """Next token (and logprobs when asked) for each row of float32 `logits` `[S, vocab]`."""
-    tokens: list[int] = []
+class SamplingFailed(Exception):
+    """Sampling one row failed (e.g. its adjusted distribution is not finite); only that request fails."""
+
+
+def sample(logits: torch.Tensor,
+           requests: list[SampleRequest]) -> tuple[list[int | SamplingFailed], list[Optional[dict[int, float]]]]:
+    """Next token (and logprobs when asked) for each row of float32 `logits` `[S, vocab]`.
+
+    A row whose sampling fails yields a `SamplingFailed` in place of its token, so that one bad request does not
+    take down the others of the batch.
+    """
+    tokens: list[int | SamplingFailed] = []
     logprobs: list[Optional[dict[int, float]]] = []
     plain = all(r.gen_config.greedy and _no_adjustments(r) for r in requests)
     if plain:  # the common greedy case in one call
         tokens = torch.argmax(logits, dim=-1).tolist()
     for row, req in enumerate(requests):
         if not plain:
-            adjusted = mask_stop_ids(apply_penalties(logits[row], req), req)
-            tokens.append(choose(adjusted, req))
+            tokens.append(_choose_or_fail(mask_stop_ids(apply_penalties(logits[row], req), req), req))
         k = req.gen_config.logprobs
-        logprobs.append(None if k is None else token_logprobs(logits[row], tokens[row], k))
+        ok = not isinstance(tokens[row], SamplingFailed)
+        logprobs.append(token_logprobs(logits[row], tokens[row], k) if ok and k is not None else None)
     return tokens, logprobs
+
+
+def _choose_or_fail(logits: torch.Tensor, req: SampleRequest) -> int | SamplingFailed:
+    if not torch.isfinite(logits).any():
+        return SamplingFailed("sampling failed: no finite logit after penalties and temperature")
+    try:
+        return choose(logits, req)
+    except RuntimeError as exc:  # torch.multinomial on nan/inf probabilities
+        return SamplingFailed(f"sampling failed: {exc}")
 
 
 def _no_adjustments(req: SampleRequest) -> bool:

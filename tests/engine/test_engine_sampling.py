@@ -139,3 +139,19 @@ def test_logprobs_of_chosen_and_top_tokens(pipe, prompts, internlm2_checkpoint, 
             assert abs(v - float(expect[step, i])) < 1e-4
         assert set(expect[step].topk(3).indices.tolist()) <= set(ids)
     assert pipe(prompts[0], greedy(2)).logprobs is None
+
+
+def test_one_row_that_cannot_be_sampled_fails_alone():
+    """A non-finite distribution in one row gives SamplingFailed for that row only; the others still sample."""
+    from puyu.engine.sampler import SampleRequest, SamplingFailed, make_generator, sample
+
+    logits = torch.randn(3, 50)
+    logits[1] = float("nan")
+    cfg = GenerationConfig(do_sample=True, temperature=0.7, logprobs=0)
+    reqs = [SampleRequest(cfg, [1, 2], [], [2], make_generator(i)) for i in range(3)]
+    tokens, logprobs = sample(logits, reqs)
+    assert isinstance(tokens[1], SamplingFailed) and "sampling failed" in str(tokens[1])
+    assert logprobs[1] is None
+    for row in (0, 2):
+        assert isinstance(tokens[row], int) and 0 <= tokens[row] < 50
+        assert list(logprobs[row]) == [tokens[row]]
