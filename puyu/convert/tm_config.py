@@ -87,11 +87,32 @@ class WorkspaceConfig:
         return FLOAT_DTYPES[self.weight_type]
 
 
+def _old_workspace_message(ini: Path) -> str:
+    """LMDeploy 0.2-0.5 wrote config.ini; in 0.2-0.3 `quant_policy = 4` meant int8 KV with offline scales."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(ini)
+        policy = parser.get("llama", "quant_policy", fallback="0").strip()
+    except configparser.Error:
+        policy = "0"
+    msg = (f"{ini}: a workspace written by LMDeploy < 0.6 (config.ini); puyu reads the config.yaml layout of "
+           f"LMDeploy 0.6-0.7.3: convert the HF checkpoint again with `puyu convert`")
+    if policy == "4":
+        msg += ("; note: its quant_policy = 4 meant int8 KV with offline calibrated scales in LMDeploy 0.2-0.3, "
+                "while quant_policy 4 is int4 KV now (use --quant-policy 8 for int8)")
+    return msg
+
+
 def read_config(path: Path) -> WorkspaceConfig:
     """Parse config.yaml; a missing or malformed field is a `CheckpointError` naming it."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
+        old = path.with_name("config.ini")
+        if old.exists():
+            raise CheckpointError(_old_workspace_message(old)) from None
         raise CheckpointError(f"{path}: file not found (not a TurboMind workspace?)") from None
     except yaml.YAMLError as exc:
         raise CheckpointError(f"{path}: not valid YAML ({exc})") from None
