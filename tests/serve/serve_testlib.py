@@ -1,4 +1,4 @@
-"""Helpers for the serve tests: a real uvicorn server in a thread, and a "scripted" tiny checkpoint.
+"""Helpers for the serve tests: a real uvicorn server in a thread (puyu.testing), and a "scripted" tiny checkpoint.
 
 The scripted checkpoint is a real InternLM2 checkpoint whose weights make greedy decoding follow fixed token chains:
 attention and FFN outputs are zeroed, so the residual stream is the token's embedding and the next token depends on
@@ -7,75 +7,30 @@ token is answered with that chain (e.g. an InternLM2 tool call), through the rea
 """
 from __future__ import annotations
 
-import json
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread."""
-
-    def __init__(self, app: Any):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def _load_shards(model_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
-    return {f: load_file(str(model_dir / f)) for f in sorted(set(index["weight_map"].values()))}
+from puyu.testing import load_shards, save_shards
 
 
 def script_checkpoint(model_dir: Path, chains: Sequence[Sequence[int]], gain: float = 30.0) -> None:
     """Rewrite the weights of an InternLM2 tiny checkpoint so that greedy decoding follows `chains` (token ids;
     each token may have only one successor across all chains)."""
-    from safetensors.torch import save_file
-
     successor: dict[int, int] = {}
     for chain in chains:
         for cur, nxt in zip(chain, chain[1:]):
             if successor.setdefault(cur, nxt) != nxt:
                 raise ValueError(f"token {cur} would need two successors ({successor[cur]} and {nxt})")
-    shards = _load_shards(model_dir)
+    shards = load_shards(model_dir)
     weights = {k: v for shard in shards.values() for k, v in shard.items()}
     embed = weights["model.tok_embeddings.weight"].float()
     normed = embed / embed.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
     head = torch.zeros_like(weights["output.weight"], dtype=torch.float32)
     for cur, nxt in successor.items():
         head[nxt] += gain * normed[cur] / normed[cur].pow(2).sum()
-    for fname, shard in shards.items():
+    for shard in shards.values():
         for name, t in shard.items():
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 shard[name] = torch.zeros_like(t)
@@ -83,7 +38,7 @@ def script_checkpoint(model_dir: Path, chains: Sequence[Sequence[int]], gain: fl
                 shard[name] = torch.ones_like(t)
             elif name == "output.weight":
                 shard[name] = head.to(t.dtype)
-        save_file(shard, str(model_dir / fname), metadata={"format": "pt"})
+    save_shards(model_dir, shards)
 
 
 def chain_ids(tokenizer: Any, start_text: str, reply: str) -> list[int]:

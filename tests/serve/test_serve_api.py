@@ -12,7 +12,8 @@ import pytest
 
 from puyu.config import EngineConfig, GenerationConfig
 from puyu.serve.api_server import create_app
-from serve_testlib import ServerThread, metric
+from puyu.testing import ServerThread
+from serve_testlib import metric
 
 MODEL = "tiny-internlm2"
 MSGS = [{"role": "user", "content": "Hello, how are you today?"}]

@@ -17,7 +17,8 @@ import openai
 import pytest
 
 from puyu.config import EngineConfig, GenerationConfig
-from serve_testlib import chain_ids, free_port, script_checkpoint, scripted_checkpoint
+from puyu.testing import free_port
+from serve_testlib import chain_ids, script_checkpoint, scripted_checkpoint
 
 ENGINE_FLAGS = ["--session-len", "2048", "--cache-max-entry-count", "256", "--cache-block-seq-len", "16"]
 REPLY_TEXT = 'Sure.{"name": "get_weather"}'  # the scripted reply with special tokens skipped

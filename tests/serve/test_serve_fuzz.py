@@ -5,7 +5,7 @@ import pytest
 
 from puyu.config import EngineConfig
 from puyu.serve.api_server import create_app
-from serve_testlib import ServerThread
+from puyu.testing import ServerThread
 
 
 @pytest.mark.parametrize("api_key", [None, "fuzz-key"])

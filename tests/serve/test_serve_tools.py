@@ -10,9 +10,10 @@ import pytest
 
 from puyu.config import EngineConfig
 from puyu.serve.api_server import create_app
+from puyu.testing import ServerThread
 from puyu.tiny import INTERNLM2_CHAT_TEMPLATE
 from puyu.tokenizer import render_chat
-from serve_testlib import ServerThread, scripted_checkpoint
+from serve_testlib import scripted_checkpoint
 
 MODEL = "scripted"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
