@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import threading
-import time
 from types import SimpleNamespace
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 from puyu.agent.models import EngineModel
 from puyu.config import EngineConfig, GenerationConfig
+from puyu.testing import ServerThread, free_port, load_shards, save_shards
 
 K = 4
 MESSAGES = [dict(role="system", content="You can run code.", name="interpreter"), dict(role="user", content="Hello")]
@@ -50,13 +47,12 @@ def im_end_checkpoint(internlm2_checkpoint, tmp_path_factory):
     assert im_end not in ids[:K + 1], "the unedited model already stops: pick another prompt"
     out = tmp_path_factory.mktemp("im-end-ckpt")
     shutil.copytree(internlm2_checkpoint, out, dirs_exist_ok=True)
-    for shard in out.glob("*.safetensors"):
-        weights = load_file(shard)
-        if "output.weight" in weights:
-            w = weights["output.weight"].float()
-            w[im_end] = 3 * w[ids[K]]
-            weights["output.weight"] = w.to(weights["output.weight"].dtype)
-            save_file(weights, shard, metadata={"format": "pt"})
+    shards = load_shards(out)
+    weights = next(shard for shard in shards.values() if "output.weight" in shard)
+    w = weights["output.weight"].float()
+    w[im_end] = 3 * w[ids[K]]
+    weights["output.weight"] = w.to(weights["output.weight"].dtype)
+    save_shards(out, shards)
     return SimpleNamespace(path=out, original=original, k=K, messages=MESSAGES, engine_options=ENGINE)
 
 
@@ -73,32 +69,14 @@ def unused_port() -> int:
     return free_port()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server_url(im_end_checkpoint):
     """`puyu serve`'s app on a real socket (uvicorn in a thread) over its own engine."""
-    import uvicorn
-
     from puyu.engine import AsyncEngine
     from puyu.serve.api_server import create_app
 
-    engine = AsyncEngine(im_end_checkpoint.path, EngineConfig(**ENGINE))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
-    engine.close()
+    with AsyncEngine(im_end_checkpoint.path, EngineConfig(**ENGINE)) as engine:
+        with ServerThread(create_app(engine)) as server:
+            yield server.url
 
 
