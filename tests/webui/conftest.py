@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from webui_testlib import CHROMIUM, CHROMIUM_ARGS, Process, expect_timeout_ms, free_port
+from puyu.testing import free_port
+from webui_testlib import CHROMIUM, CHROMIUM_ARGS, expect_timeout_ms, puyu_process
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,14 +36,11 @@ def puyu_server(internlm2_checkpoint, tmp_path_factory):
     """`puyu serve` on the tiny InternLM2 checkpoint, as a real subprocess: yields its base URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    proc = Process(["serve", str(internlm2_checkpoint), "--backend", "native", "--server-port", str(port),
-                    "--session-len", "2048", "--cache-max-entry-count", "64", "--num-threads", "1"], log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_http(f"{url}/health")
-        yield url
-    finally:
-        proc.stop()
+    with puyu_process(["serve", str(internlm2_checkpoint), "--backend", "native", "--server-port", str(port),
+                       "--session-len", "2048", "--cache-max-entry-count", "64", "--num-threads", "1"], port, log,
+                      "/health") as proc:
+        proc.wait_ready(180)
+        yield proc.base_url
 
 
 @pytest.fixture

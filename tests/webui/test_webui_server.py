@@ -8,7 +8,8 @@ import openai
 import pytest
 from playwright.sync_api import expect
 
-from webui_testlib import Process, free_port, letters, running_app, send, upload
+from puyu.testing import free_port
+from webui_testlib import letters, puyu_process, running_app, send, upload
 from puyu.tokenizer import Tokenizer
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import OpenAIBackend
@@ -73,10 +74,10 @@ def test_puyu_webui_command_serves_chat_and_analysis(puyu_server, page_factory, 
     replay.write_text(json.dumps(["Counting.<|action_start|><|interpreter|>\n```python\n" + code.replace("\\n", "\n")
                                   + "\n```<|action_end|>\n", "There are 2 rows."]))
     port = free_port()
-    proc = Process(["webui", "--api-url", puyu_server, "--server-port", str(port), "--agent-model",
-                    f"replay:{replay}", "--runs-dir", str(tmp_path / "runs")], tmp_path / "webui.log")
-    try:
-        proc.wait_http(f"http://127.0.0.1:{port}/")
+    with puyu_process(["webui", "--api-url", puyu_server, "--server-port", str(port), "--agent-model",
+                       f"replay:{replay}", "--runs-dir", str(tmp_path / "runs")], port, tmp_path / "webui.log",
+                      "/") as proc:
+        proc.wait_ready(180)
         page = page_factory(f"http://127.0.0.1:{port}/")
         expect(page.locator("#chat-backend")).to_contain_text(f"{puyu_server}/v1")
         send(page, "Hello")
@@ -89,8 +90,6 @@ def test_puyu_webui_command_serves_chat_and_analysis(puyu_server, page_factory, 
         expect(page.locator("#analysis-status")).to_contain_text("answered")
         expect(page.locator("#analysis-steps")).to_contain_text("rows: 2")
         assert list((tmp_path / "runs").glob("*/run-001/work/two.csv"))
-    finally:
-        proc.stop()
 
 
 @pytest.mark.parametrize("args, message", [

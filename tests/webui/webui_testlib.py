@@ -1,18 +1,17 @@
 """Helpers for the web UI tests (imported by name; the fixtures are in conftest.py): the app on a free port, a
-recording backend wrapper, `puyu` subprocesses, and page actions."""
+recording backend wrapper, `puyu` subprocesses (puyu.testing.ServerProcess), and page actions."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
 import re
-import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
+
+from puyu.testing import ServerProcess, free_port
 
 CHROMIUM = os.environ.get("PUYU_CHROMIUM", "/usr/bin/chromium")
 
@@ -61,12 +60,6 @@ class Recording:
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_app(backend, config=None) -> Iterator[str]:
     """Build the real app around `backend`, serve it on 127.0.0.1 at a free port, yield its URL."""
@@ -80,39 +73,11 @@ def running_app(backend, config=None) -> Iterator[str]:
         app.close()
 
 
-class Process:
-    """A real `puyu ...` subprocess, its output kept in a file (shown when it fails to come up)."""
-
-    def __init__(self, args: list[str], log: Path):
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "puyu.cli", *args], stdout=log.open("w"),
-                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                     start_new_session=True)
-
-    def wait_http(self, url: str, timeout_s: float = 180.0) -> None:
-        """Until `url` answers 200 (or the process exits, or the generous ceiling passes)."""
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(url, timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{url} never came up (exit code {self.proc.poll()}):\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+def puyu_process(args: list[str], port: int, log: Path, ready_path: str) -> ServerProcess:
+    """A real `puyu ...` subprocess serving on `port`, its output kept in `log` (shown when it fails to come up);
+    `wait_ready()` waits until `ready_path` answers 200."""
+    return ServerProcess([sys.executable, "-m", "puyu.cli", *args], port, log, ready_path,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def letters(text: str) -> str:
