@@ -29,12 +29,12 @@ class ServerProcess:
     """A server subprocess with its output in `log_path`; `wait_ready` polls `ready_path` until it answers 200."""
 
     def __init__(self, cmd: list[str], port: int, log_path: Path, ready_path: str = "/v1/models",
-                 env: Optional[dict[str, str]] = None):
+                 env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None):
         self.cmd, self.port, self.log_path, self.ready_path = cmd, port, log_path, ready_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env or offline_env(),
-                                     start_new_session=True)
+                                     cwd=cwd, start_new_session=True)
 
     @property
     def base_url(self) -> str:

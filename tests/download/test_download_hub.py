@@ -10,14 +10,14 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from puyu.testing import ServerProcess, free_port
 
 pytest.importorskip("olah", reason="the hub-compatible test server is olah (test extra)")
 if shutil.which("git") is None:
@@ -26,12 +26,6 @@ if shutil.which("git") is None:
 REPO = "internlm/internlm2-chat-7b"
 SHARD = "model-00001-of-00002.safetensors"
 LFS_SUFFIXES = (".safetensors",)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -78,27 +72,13 @@ def mirror(tmp_path_factory, internlm2_checkpoint: Path) -> Path:
 @pytest.fixture(scope="module")
 def hub(mirror: Path, tmp_path_factory) -> str:
     """The server's URL; its log and faults are reset before each test by `clean_hub`."""
-    port = _free_port()
+    port = free_port()
     workdir = tmp_path_factory.mktemp("olah")
-    log = (workdir / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hub_server.py")), "--mirrors",
-                             str(mirror), "--workdir", str(workdir), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            httpx.get(f"{url}/_test/log", timeout=5).raise_for_status()
-            break
-        except httpx.HTTPError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"hub server did not start: {(workdir / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    cmd = [sys.executable, str(Path(__file__).with_name("hub_server.py")), "--mirrors", str(mirror), "--workdir",
+           str(workdir), "--port", str(port)]
+    with ServerProcess(cmd, port, workdir / "server.log", "/_test/log", env=dict(os.environ), cwd=workdir) as server:
+        server.wait_ready(120)
+        yield server.base_url
 
 
 @pytest.fixture()
@@ -196,7 +176,7 @@ def test_missing_repository_is_a_clear_error(clean_hub: str, tmp_path: Path) -> 
 
 
 def test_unreachable_endpoint_names_it_and_the_mirror_setting(tmp_path: Path) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     message = one_line_error(puyu(["download", REPO, "--include", "config.json"], tmp_path, dead))
     assert dead in message and "HF_ENDPOINT" in message and "--endpoint" in message
 
@@ -234,7 +214,7 @@ def test_resolve_downloads_on_first_use_then_uses_the_cache(clean_hub: str, tmp_
     httpx.post(f"{clean_hub}/_test/reset")
 
     # Second use: the hub is not asked at all (and here it could not be: offline, endpoint dead).
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{_free_port()}", HF_HUB_OFFLINE="1")
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HUB_OFFLINE="1")
     second = subprocess.run([sys.executable, "-c", code, REPO], env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert second.stdout.split()[-1] == path
