@@ -14,6 +14,7 @@ from typing import Any, Optional
 import yaml
 
 from ..config import ConfigError, GenerationConfig
+from ..webui.personas import read_persona
 
 SOURCES = ("huggingface", "modelscope", "openxlab")
 
@@ -108,11 +109,11 @@ def _parse_persona(path: Path, raw: Any) -> Optional[Persona]:
         persona_file = personas_dir(path.parent) / f"{raw}.yaml"
         if not persona_file.is_file():
             raise RegistryError(f"{path}: persona: no persona file {persona_file}")
-        raw = _read_yaml(persona_file)
-        if not isinstance(raw, dict):
-            raise RegistryError(f"{persona_file}: must be a YAML mapping with system and greeting")
-        raw = {"system": raw.get("system", raw.get("system_prompt")), "greeting": raw.get("greeting", "")}
-        path = persona_file
+        try:
+            persona = read_persona(persona_file)  # the same reader as `puyu chat --persona` and the web UI
+        except ValueError as exc:
+            raise RegistryError(str(exc)) from None
+        raw, path = {"system": persona.system, "greeting": persona.greeting}, persona_file
     _check_type(path, "persona", raw, dict)
     unknown = set(raw) - {"system", "greeting"}
     if unknown:

@@ -12,33 +12,23 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from ..config import GenerationConfig
+from ..webui.personas import DEFAULT_PERSONA_DIR, Persona, read_persona
 
-PERSONA_DIR = Path(__file__).resolve().parents[2] / "configs" / "personas"
 HELP = "commands: /reset (clear the history), /exit or /quit (leave), /help"
 PROMPT = "user> "
 REPLY = "assistant> "
 
 
-@dataclass
-class ChatPersona:
-    name: str = ""
-    system: str = ""
-    greeting: str = ""
-
-
-def find_persona(name_or_path: str, directory: Path = PERSONA_DIR) -> ChatPersona:
+def find_persona(name_or_path: str, directory: Path = DEFAULT_PERSONA_DIR) -> Persona:
     """A persona by file path, file stem (`bajie`) or display name (`八戒`)."""
-    from ..webui.personas import read_persona
-
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        p = read_persona(path)
-        return ChatPersona(p.name, p.system, p.greeting)
+        return read_persona(path)
     files = sorted(directory.glob("*.y*ml")) if directory.is_dir() else []
     for f in files:
-        p = read_persona(f)
-        if name_or_path in (f.stem, p.name):
-            return ChatPersona(p.name, p.system, p.greeting)
+        persona = read_persona(f)
+        if name_or_path in (f.stem, persona.name):
+            return persona
     known = ", ".join(f.stem for f in files) or "none"
     raise ValueError(f"--persona: no persona {name_or_path!r} in {directory} (known: {known})")
 
@@ -47,7 +37,7 @@ def find_persona(name_or_path: str, directory: Path = PERSONA_DIR) -> ChatPerson
 class Conversation:
     """The history sent to the model each turn."""
 
-    persona: ChatPersona = field(default_factory=ChatPersona)
+    persona: Persona = field(default_factory=Persona)
     messages: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -64,7 +54,7 @@ class Conversation:
 class TerminalChat:
     """Reads lines, streams replies; `read` and `out` are replaceable for embedding."""
 
-    def __init__(self, engine: Any, gen_config: GenerationConfig, persona: ChatPersona,
+    def __init__(self, engine: Any, gen_config: GenerationConfig, persona: Persona,
                  read: Callable[[str], str] = input, out: TextIO = sys.stdout):
         self.engine = engine
         self.gen_config = gen_config

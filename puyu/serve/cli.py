@@ -71,10 +71,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     from ..config import GenerationConfig
-    from .chat import ChatPersona, TerminalChat, find_persona
+    from ..webui.personas import Persona
+    from .chat import TerminalChat, find_persona
     from .protocol import MIN_TEMPERATURE
 
-    persona = find_persona(args.persona) if args.persona else ChatPersona(system=args.system or "")
+    persona = find_persona(args.persona) if args.persona else Persona(system=args.system or "")
     sample = args.temperature >= MIN_TEMPERATURE
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
                            temperature=args.temperature if sample else 1.0, top_p=args.top_p,

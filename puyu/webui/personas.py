@@ -17,7 +17,7 @@ DEFAULT_PERSONA_DIR = Path(__file__).resolve().parents[2] / "configs" / "persona
 
 @dataclass(frozen=True)
 class Persona:
-    name: str
+    name: str = ""  # "" only for an unnamed one (`puyu chat --system ...`); files must name theirs
     system: str = ""
     greeting: str = ""
 
@@ -38,7 +38,7 @@ def read_persona(path: Path) -> Persona:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        raise ValueError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with name, system and greeting")
     system = data.get("system", data.get("system_prompt"))

@@ -120,12 +120,13 @@ def test_serve_chat_ctrl_c_stops_the_reply_not_the_chat(checkpoint_factory, tmp_
 
 def test_serve_chat_keeps_multi_turn_history(scripted):
     from puyu.engine import AsyncEngine
-    from puyu.serve.chat import ChatPersona, TerminalChat
+    from puyu.serve.chat import TerminalChat
+    from puyu.webui.personas import Persona
 
     lines = iter(["first question", "second question", "/reset", "third", "/quit", "never read"])
     out = io.StringIO()
     with AsyncEngine(scripted, EngineConfig(session_len=256, cache_max_entry_count=64)) as engine:
-        chat = TerminalChat(engine, GenerationConfig(max_new_tokens=40), ChatPersona("t", "Be brief.", "Hi!"),
+        chat = TerminalChat(engine, GenerationConfig(max_new_tokens=40), Persona("t", "Be brief.", "Hi!"),
                             read=lambda prompt: next(lines), out=out)
         seen = []
         original = chat.turn
@@ -145,12 +146,13 @@ def test_serve_chat_keeps_multi_turn_history(scripted):
 
 def test_serve_chat_history_overflow_is_reported_not_a_crash(scripted):
     from puyu.engine import AsyncEngine
-    from puyu.serve.chat import ChatPersona, TerminalChat
+    from puyu.serve.chat import TerminalChat
+    from puyu.webui.personas import Persona
 
     lines = iter(["word " * 400, "/exit"])
     out = io.StringIO()
     with AsyncEngine(scripted, EngineConfig(session_len=128, cache_max_entry_count=32)) as engine:
-        chat = TerminalChat(engine, GenerationConfig(max_new_tokens=4), ChatPersona(),
+        chat = TerminalChat(engine, GenerationConfig(max_new_tokens=4), Persona(),
                             read=lambda prompt: next(lines), out=out)
         assert chat.run() == 0
     assert "longer than session_len 128" in out.getvalue() and "/reset" in out.getvalue()
@@ -187,7 +189,7 @@ def test_serve_cli_serves_with_api_key_and_stops_on_sigint(scripted):
     assert "puyu serve: m (native backend)" in proc.stdout.read()
 
 
-def test_serve_cli_errors_are_one_line():
+def test_serve_cli_errors_are_one_line(tmp_path):
     from puyu.serve.turbomind import unavailable_reason
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -196,6 +198,11 @@ def test_serve_cli_errors_are_one_line():
     bad = run("chat", "--persona", "nobody")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         bad.stderr.strip()] and "no persona 'nobody'" in bad.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nsystem: [unclosed\n")
+    bad = run("chat", "--persona", str(broken))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"puyu: error: {broken}: not valid YAML" + bad.stderr.strip().split("not valid YAML", 1)[1]]
     port = run("serve", "--server-port", "70000")
     assert port.returncode == 2 and "--server-port" in port.stderr and "Traceback" not in port.stderr
     if unavailable_reason() is not None:
