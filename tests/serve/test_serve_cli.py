@@ -12,12 +12,11 @@ import sys
 import termios
 import time
 
-import httpx
 import openai
 import pytest
 
 from puyu.config import EngineConfig, GenerationConfig
-from puyu.testing import free_port
+from puyu.testing import ServerProcess, free_port
 from serve_testlib import chain_ids, script_checkpoint, scripted_checkpoint
 
 ENGINE_FLAGS = ["--session-len", "2048", "--cache-max-entry-count", "256", "--cache-block-seq-len", "16"]
@@ -159,34 +158,21 @@ def test_serve_chat_history_overflow_is_reported_not_a_crash(scripted):
     assert chat.conv.messages == []
 
 
-def test_serve_cli_serves_with_api_key_and_stops_on_sigint(scripted):
+def test_serve_cli_serves_with_api_key_and_stops_on_sigint(scripted, tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "puyu.cli", "serve", str(scripted), "--server-port", str(port),
-                             "--api-keys", "secret", "--model-name", "m", "--backend", "native",
-                             "--log-level", "warning", *ENGINE_FLAGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120  # start-up, not a measured timing
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    cmd = [sys.executable, "-m", "puyu.cli", "serve", str(scripted), "--server-port", str(port), "--api-keys", "secret",
+           "--model-name", "m", "--backend", "native", "--log-level", "warning", *ENGINE_FLAGS]
+    with ServerProcess(cmd, port, tmp_path / "serve.log", "/health", env=dict(os.environ)) as server:
+        server.wait_ready(120)  # start-up, not a measured timing
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
         reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
                                                temperature=0, max_tokens=40)
         assert reply.choices[0].message.content == REPLY_TEXT
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0).models.list()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
-    assert rc == 0
-    assert "puyu serve: m (native backend)" in proc.stdout.read()
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(timeout=60) == 0
+        assert "puyu serve: m (native backend)" in server.log_tail()
 
 
 def test_serve_cli_errors_are_one_line(tmp_path):
