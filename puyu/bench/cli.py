@@ -123,7 +123,8 @@ def _register_compare(sub) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare_table, load_summaries, plot_compare
+    from .compare import compare_table, load_summaries
+    from .plots import plot_compare
     from .metrics import formulas_header
 
     runs = load_summaries(args.results)

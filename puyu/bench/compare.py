@@ -1,4 +1,5 @@
-"""`puyu bench compare A.json B.json ...`: a side-by-side table of summaries, ratios to the first, and a plot."""
+"""`puyu bench compare A.json B.json ...`: a side-by-side table of summaries and ratios to the first
+(the plot: plots.plot_compare)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,26 +69,3 @@ def compare_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
-
-
-def plot_compare(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
-    """Bars of output throughput, mean TTFT and mean TPOT for each run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = (("output_throughput", "output tok/s"), ("mean_ttft_ms", "mean TTFT (ms)"),
-              ("mean_tpot_ms", "mean TPOT (ms)"))
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.2 * len(runs) * 3, 4))
-    names = [n for n, _ in runs]
-    for ax, (key, label) in zip(axes, panels):
-        ax.bar(range(len(runs)), [float(s.get(key) or 0) for _, s in runs])
-        ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel(label)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

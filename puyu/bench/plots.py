@@ -17,6 +17,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _cdf(values: Sequence[float]) -> tuple[list[float], list[float]]:
     xs = sorted(values)
     return xs, [(i + 1) / len(xs) for i in range(len(xs))]
@@ -39,11 +47,7 @@ def plot_latency_cdfs(runs: dict[str, Sequence[RequestRecord]], path: Path, titl
         if ax.get_lines():
             ax.legend(fontsize=8)
     fig.suptitle(title or "Latency CDFs")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_against_load(series: dict[str, list[dict[str, Any]]], x_key: str, path: Path, title: str = "",
@@ -65,8 +69,19 @@ def plot_against_load(series: dict[str, list[dict[str, Any]]], x_key: str, path:
             ax.set_xscale("log", base=2)
         ax.legend(fontsize=8)
     fig.suptitle(title or f"Throughput and latency against {x_key}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
+
+
+def plot_compare(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
+    """Bars of output throughput, mean TTFT and mean TPOT for each run (of `compare.load_summaries`)."""
+    plt = _pyplot()
+    panels = (("output_throughput", "output tok/s"), ("mean_ttft_ms", "mean TTFT (ms)"),
+              ("mean_tpot_ms", "mean TPOT (ms)"))
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.2 * len(runs) * 3, 4))
+    names = [n for n, _ in runs]
+    for ax, (key, label) in zip(axes, panels):
+        ax.bar(range(len(runs)), [float(s.get(key) or 0) for _, s in runs])
+        ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    return _save(plt, fig, path)
