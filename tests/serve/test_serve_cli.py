@@ -67,11 +67,17 @@ class Terminal:
         finally:
             os.close(self.master)
 
+    def __enter__(self) -> "Terminal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:  # a failed test leaves no chat running
+            self.proc.kill()
+
 
 def test_serve_chat_in_a_terminal(scripted):
-    term = Terminal([sys.executable, "-m", "puyu.cli", "chat", str(scripted), "--persona", "bajie",
-                     "--backend", "native", "--max-new-tokens", "40", *ENGINE_FLAGS])
-    try:
+    with Terminal([sys.executable, "-m", "puyu.cli", "chat", str(scripted), "--persona", "bajie",
+                   "--backend", "native", "--max-new-tokens", "40", *ENGINE_FLAGS]) as term:
         term.expect("俺老猪")  # 八戒's greeting
         term.expect("user> ")
         term.send("你好，八戒")
@@ -85,9 +91,6 @@ def test_serve_chat_in_a_terminal(scripted):
         term.expect("/reset")
         term.send("/exit")
         assert term.close() == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
 
 
 def test_serve_chat_ctrl_c_stops_the_reply_not_the_chat(checkpoint_factory, tmp_path):
@@ -100,10 +103,9 @@ def test_serve_chat_ctrl_c_stops_the_reply_not_the_chat(checkpoint_factory, tmp_
     tok = Tokenizer(endless)
     loop = chain_ids(tok, "assistant\n", "Paris") + tok.encode("P", add_special_tokens=False)  # ...ParisParis...
     script_checkpoint(endless, [loop])
-    term = Terminal([sys.executable, "-m", "puyu.cli", "chat", str(endless), "--backend", "native",
-                     "--max-new-tokens", "4000", "--session-len", "4096", "--cache-max-entry-count", "300",
-                     "--cache-block-seq-len", "16"])
-    try:
+    with Terminal([sys.executable, "-m", "puyu.cli", "chat", str(endless), "--backend", "native",
+                   "--max-new-tokens", "4000", "--session-len", "4096", "--cache-max-entry-count", "300",
+                   "--cache-block-seq-len", "16"]) as term:
         term.expect("user> ")
         term.send("go on forever")
         term.expect("ParisParisParis")  # streaming has started
@@ -112,9 +114,6 @@ def test_serve_chat_ctrl_c_stops_the_reply_not_the_chat(checkpoint_factory, tmp_
         term.expect("user> ")
         term.send("/exit")
         assert term.close() == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
 
 
 def test_serve_chat_keeps_multi_turn_history(scripted):

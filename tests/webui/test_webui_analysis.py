@@ -2,9 +2,11 @@
 folder) driven by the agent's recorded model, since a tiny random model writes no useful code."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from playwright.sync_api import expect
@@ -97,6 +99,20 @@ def steps(page):
     return page.locator("#analysis-steps")
 
 
+@contextlib.contextmanager
+def paused_in_first_reply(page, csv: Path, question: str) -> Iterator[None]:
+    """Start a run whose model pauses in the middle of its first reply; it goes on when the block ends."""
+    release = threading.Event()
+    PausingReplay.paused.clear()
+    PausingReplay.pause = release
+    try:
+        run_analysis_in(page, csv, question)
+        assert PausingReplay.paused.wait(60), "the model never started"
+        yield
+    finally:
+        release.set()
+
+
 def test_upload_csv_shows_steps_figure_and_download(app, page_factory, tmp_path):
     url, runs = app
     page = page_factory(url)
@@ -163,18 +179,11 @@ def test_two_sessions_have_separate_files_runs_and_interpreters(app, page_factor
 def test_a_model_turn_shows_while_it_streams(app, page_factory, tmp_path):
     url, _ = app
     page = page_factory(url)
-    release = threading.Event()
-    PausingReplay.paused.clear()
-    PausingReplay.pause = release
-    try:
-        run_analysis_in(page, write_csv(tmp_path / "live.csv", [("Jan", 5)]), "Total?")
-        assert PausingReplay.paused.wait(60), "the model never started"
+    with paused_in_first_reply(page, write_csv(tmp_path / "live.csv", [("Jan", 5)]), "Total?"):
         expect(steps(page)).to_contain_text("Thinking")
         expect(steps(page)).to_contain_text("Let me load the file")
         expect(steps(page)).to_contain_text("glob.glob")  # the code as far as it is written
         expect(page.locator("#analysis-status")).to_contain_text("running")
-    finally:
-        release.set()
     expect(page.locator("#analysis-status")).to_contain_text("answered")
     expect(steps(page)).not_to_contain_text("Thinking")
     expect(steps(page)).to_contain_text("total sales: 5")
@@ -183,17 +192,10 @@ def test_a_model_turn_shows_while_it_streams(app, page_factory, tmp_path):
 def test_stop_ends_the_run_cleanly(app, page_factory, tmp_path):
     url, _ = app
     page = page_factory(url)
-    release = threading.Event()
-    PausingReplay.paused.clear()
-    PausingReplay.pause = release
-    try:
-        run_analysis_in(page, write_csv(tmp_path / "stop.csv", [("Jan", 5)]), "Total?")
-        assert PausingReplay.paused.wait(60), "the model never started"
+    with paused_in_first_reply(page, write_csv(tmp_path / "stop.csv", [("Jan", 5)]), "Total?"):
         expect(steps(page)).to_contain_text("Thinking")
         page.locator("#analysis-stop").click()
         expect(page.locator("#analysis-error")).to_have_text("")
-    finally:
-        release.set()
     # the model is cut off before its first call ran: no cell, a model error that says why, a run folder to take
     expect(page.locator("#analysis-status")).to_contain_text("model_error")
     expect(page.locator("#analysis-status")).to_contain_text("stopped by the user")
