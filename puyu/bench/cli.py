@@ -63,21 +63,18 @@ def _register_engine(sub) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--quant-policy", type=int, default=0)
-    g.add_argument("--session-len", type=int, default=None)
-    g.add_argument("--cache-max-entry-count", type=float, default=0.5)
-    g.add_argument("--cache-block-seq-len", type=int, default=64)
-    g.add_argument("--max-batch-size", type=int, default=64)
-    g.add_argument("--max-prefill-token-num", type=int, default=2048)
-    g.add_argument("--disable-prefix-caching", action="store_true")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--num-threads", type=int, default=None)
+    """The engine options of `puyu serve` (defaults: EngineConfig's), and the earlier spelling of
+    --no-enable-prefix-caching."""
+    from ..serve.options import add_engine_options
+
+    add_engine_options(p)
+    p.add_argument("--disable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help=argparse.SUPPRESS)
 
 
 def _engine(args: argparse.Namespace) -> int:
-    from .engine_bench import engine_config_from_args, run_engine_bench
+    from ..serve.options import engine_config_from_args
+    from .engine_bench import run_engine_bench
 
     if args.concurrency is not None:
         args.max_concurrency = args.concurrency
@@ -103,7 +100,7 @@ def _register_latency(sub) -> None:
 
 
 def _latency(args: argparse.Namespace) -> int:
-    from .engine_bench import engine_config_from_args
+    from ..serve.options import engine_config_from_args
     from .latency import LatencyConfig, run_latency_bench
     from .stats import parse_percentiles
 

@@ -5,7 +5,6 @@ carries token ids is a chunk with exactly that many tokens, so no re-tokenising 
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import time
@@ -20,16 +19,6 @@ from .points import BenchOptions, run_points
 from .records import Chunk, RequestRecord
 from .runner import RunResult, measure
 from .tokenizer import load_tokenizer
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    count = args.cache_max_entry_count
-    return EngineConfig(quant_policy=args.quant_policy, session_len=args.session_len,
-                        cache_max_entry_count=int(count) if count >= 1 else count,
-                        cache_block_seq_len=args.cache_block_seq_len, max_batch_size=args.max_batch_size,
-                        max_prefill_token_num=args.max_prefill_token_num,
-                        enable_prefix_caching=not args.disable_prefix_caching, device=args.device,
-                        dtype=args.dtype, num_threads=args.num_threads)
 
 
 def make_engine_sender(engine: Any, tokenizer: Any, temperature: float = 0.0) -> Callable:

@@ -21,6 +21,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="HF directory, TurboMind workspace, registry name, or nothing for puyu-tiny")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="engine backend (default: turbomind when LMDeploy and a GPU are present, else native)")
+    add_engine_options(parser)
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """--config and the engine options (all default to None: 'not given'); also used by `puyu bench engine|latency`."""
     parser.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="YAML or JSON file of engine options (EngineConfig field names)")
     e = parser.add_argument_group("engine options")
@@ -62,7 +67,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from --config FILE, overridden by the options given on the command line."""
-    options: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    config_file = getattr(args, "config", None)
+    options: dict[str, Any] = read_config_file(config_file) if config_file else {}
     for name in ENGINE_ARGS:
         value = getattr(args, name, None)
         if value is not None:
@@ -73,7 +79,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     try:
         return EngineConfig.from_dict(options)
     except ConfigError as exc:
-        where = f"{args.config}: " if args.config and exc.field in read_config_file(args.config) else ""
+        where = f"{config_file}: " if config_file and exc.field in read_config_file(config_file) else ""
         raise ValueError(f"{where}{exc}") from None
     except TypeError as exc:
-        raise ValueError(f"{args.config or 'engine options'}: {exc}") from None
+        raise ValueError(f"{config_file or 'engine options'}: {exc}") from None

@@ -34,6 +34,20 @@ def test_engine_bench_shared_prefix_hits_the_prefix_cache(internlm2_checkpoint, 
     assert stats["prefix_cache_hits"] > 0
 
 
+@pytest.mark.parametrize("flag", ["--no-enable-prefix-caching", "--disable-prefix-caching"])
+def test_engine_bench_takes_the_serve_engine_options(internlm2_checkpoint, tmp_path, flag):
+    """The engine options are `puyu serve`'s (README); the bench's earlier --disable-prefix-caching still works."""
+    code, out, err = run_cli(["bench", "engine", str(internlm2_checkpoint), "--dataset", "shared-prefix",
+                              "--num-prompts", "4", "--num-groups", "1", "--prefix-len", "160", "--input-len", "8",
+                              "--output-len", "2", "--concurrency", "1", "--cache-block-seq-len", "16",
+                              "--cache-max-entry-count", "64", flag,
+                              "--result-dir", str(tmp_path), "--label", "nopfx", "--no-progress", "--no-plots"])
+    assert code == 0, out[-2000:] + err
+    summary = json.loads((tmp_path / "nopfx.json").read_text())
+    assert summary["config"]["engine"]["enable_prefix_caching"] is False
+    assert summary["engine_stats"]["prefix_cache_hits"] == 0
+
+
 def test_latency_sweep(internlm2_checkpoint, tmp_path):
     code, out, err = run_cli(["bench", "latency", str(internlm2_checkpoint), "--input-len", "16", "--output-len", "5",
                               "--batch", "1", "3", "--rounds", "2", "--result-dir", str(tmp_path), "--label", "lat",
