@@ -55,7 +55,7 @@ def _engine(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> int:
     from .api_server import create_app, run_server
 
-    if not 0 < args.server_port < 65536:  # ValueError, not CLIError: `python -m puyu.cli` has its own CLIError class
+    if not 0 < args.server_port < 65536:
         raise ValueError(f"--server-port: {args.server_port} is not a TCP port")
     engine, backend = _engine(args)
     app = create_app(engine, model_name=args.model_name, api_keys=args.api_keys or ())
