@@ -133,11 +133,33 @@ class KVCacheStorage:
     def _read_one(self, data: torch.Tensor, params: torch.Tensor | None, layer: int,
                   slots: torch.Tensor) -> torch.Tensor:
         stored = self._flat(data, layer).index_select(0, slots)
+        p = None if params is None else self._flat(params, layer).index_select(0, slots)
+        return self._dequantize(stored, p)
+
+    def _dequantize(self, stored: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
         if self.quant_policy == 0:
             return stored
         q = stored if self.quant_policy == 8 else kv_quant.unpack_int4(stored)
-        p = self._flat(params, layer).index_select(0, slots)
-        return kv_quant.dequantize(q, p[..., 0], p[..., 1], self.dtype)
+        return kv_quant.dequantize(q, params[..., 0], params[..., 1], self.dtype)
+
+    def read_blocks(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather k, v `[B, nb * block_size, Hkv, D]` of whole blocks `block_table` (int64 `[B, nb]`).
+
+        Copying whole blocks is much cheaper than gathering token by token (one index per block, not per token);
+        the caller masks the positions past each context's end.
+        """
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        b, nb = block_table.shape
+        flat = block_table.reshape(-1)
+
+        def gather(data: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+            stored = data[layer].index_select(0, flat).view(b, nb * self.block_size, *data.shape[3:])
+            p = None if params is None else params[layer].index_select(0, flat).view(b, nb * self.block_size,
+                                                                                      *params.shape[3:])
+            return self._dequantize(stored, p)
+
+        return gather(self.k_data, self.k_params), gather(self.v_data, self.v_params)
 
     def read_quantized(self, layer: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored integers (unpacked, uint8) and (scale, zero) of `slots`; for tests and inspection."""

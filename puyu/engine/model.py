@@ -86,15 +86,14 @@ class DecoderModel:
         """float32 logits `[len(logit_rows), vocab]` for a flattened step of `T` tokens."""
         s = self.spec
         h = F.embedding(input_ids, self.embed)
-        cos, sin = self.rotary.cos_sin(positions, seq_lens)
+        cos, sin = (t[:, None, :].to(self.dtype) for t in self.rotary.cos_sin(positions, seq_lens))
         nq, nkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.attn_norm, s.norm_eps)
             qkv = lw.qkv(x)
-            q = qkv[:, :nq].unflatten(-1, (s.num_heads, s.head_dim))
-            k = qkv[:, nq:nq + nkv].unflatten(-1, (s.num_kv_heads, s.head_dim))
+            qk = apply_rotary(qkv[:, :nq + nkv].unflatten(-1, (-1, s.head_dim)), cos, sin)  # q and k heads at once
+            q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
             v = qkv[:, nq + nkv:].unflatten(-1, (s.num_kv_heads, s.head_dim))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             cache.write(i, k, v, batch.write_slots)
             attn = paged_attention(i, q, cache, batch)
             h = h + lw.wo(attn.flatten(1))

@@ -1,9 +1,11 @@
 """Model runner: turns a scheduled step into flat tensors (ids, positions, slots), runs the model, returns logits."""
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
-from .attention import AttentionBatch, DecodeBatch, PrefillChunk
+from .attention import AttentionBatch, DecodeBatch, PrefillChunk, PrefillGroup
 from .kv_cache import KVCacheStorage, slots_for
 from .model import DecoderModel
 from .sequence import ScheduledSeq
@@ -20,6 +22,9 @@ class ModelRunner:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
+    def _tensor(self, xs: list[int]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.int64, device=self.device)
+
     def run(self, step: list[ScheduledSeq]) -> torch.Tensor:
         """float32 logits `[S, vocab]`, one row per scheduled sequence whose chunk completes it, in step order.
 
@@ -30,11 +35,11 @@ class ModelRunner:
         positions: list[int] = []
         write_slots: list[int] = []
         prefills: list[PrefillChunk] = []
+        fresh: dict[int, list[int]] = defaultdict(list)  # prompt length -> rows of fresh prompts of that length
         decode_rows: list[int] = []
         decode_items: list[ScheduledSeq] = []
         logit_rows: list[int] = []
         seq_lens: list[tuple[int, int]] = []
-        dev = self.device
         for item in step:
             seq, start, n = item.seq, item.start, item.num_tokens
             row = len(ids)
@@ -42,34 +47,33 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             write_slots.extend(self._slots(seq.block_table, start, start + n))
             seq_lens.append((n, start + n))
-            if n == 1 and start > 0:
+            if start == 0:
+                fresh[n].extend(range(row, row + n))
+            elif n == 1:
                 decode_rows.append(row)
                 decode_items.append(item)
             else:
-                ctx = slots_for(seq.block_table, 0, start + n, self.block_size, dev)
+                ctx = slots_for(seq.block_table, 0, start + n, self.block_size, self.device)
                 prefills.append(PrefillChunk(row, n, start, ctx))
             if item.completes:
                 logit_rows.append(row + n - 1)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)  # noqa: E731
-        batch = AttentionBatch(write_slots=as_tensor(write_slots), prefills=prefills)
+        batch = AttentionBatch(write_slots=self._tensor(write_slots), prefills=prefills)
+        batch.groups = [self._fresh_group(rows, n, write_slots) for n, rows in fresh.items()]
         if decode_items:
             batch.decode = self._decode_batch(decode_items, decode_rows)
-        return self.model.forward(as_tensor(ids), as_tensor(positions), batch, self.cache, as_tensor(logit_rows),
-                                  seq_lens)
+        return self.model.forward(self._tensor(ids), self._tensor(positions), batch, self.cache,
+                                  self._tensor(logit_rows), seq_lens)
+
+    def _fresh_group(self, rows: list[int], q_len: int, write_slots: list[int]) -> PrefillGroup:
+        """Fresh prompts attend only over themselves: their context slots are the slots they write."""
+        return PrefillGroup(rows=self._tensor(rows), ctx_slots=self._tensor([write_slots[r] for r in rows]),
+                            num_seqs=len(rows) // q_len, q_len=q_len)
 
     def _decode_batch(self, items: list[ScheduledSeq], rows: list[int]) -> DecodeBatch:
-        """Context slots of all single-token sequences, padded to the longest context, and the padding mask."""
+        """Block tables of all single-token sequences, padded to the longest, and the mask of real keys."""
         lens = [it.start + 1 for it in items]
-        max_len = max(lens)
-        max_blocks = -(-max_len // self.block_size)
-        table = [it.seq.block_table[:max_blocks] + [0] * (max_blocks - len(it.seq.block_table[:max_blocks]))
-                 for it in items]
-        dev = self.device
-        table_t = torch.tensor(table, dtype=torch.int64, device=dev)
-        lens_t = torch.tensor(lens, dtype=torch.int64, device=dev)
-        pos = torch.arange(max_len, dtype=torch.int64, device=dev)
-        slots = table_t[:, pos // self.block_size] * self.block_size + pos % self.block_size
-        mask = pos[None, :] < lens_t[:, None]
-        slots = torch.where(mask, slots, torch.zeros_like(slots))
-        return DecodeBatch(rows=torch.tensor(rows, dtype=torch.int64, device=dev), ctx_slots=slots.reshape(-1),
-                           mask=mask[:, None, None, :], max_len=max_len)
+        max_blocks = -(-max(lens) // self.block_size)
+        table = [(it.seq.block_table[:max_blocks] + [0] * max_blocks)[:max_blocks] for it in items]
+        pos = torch.arange(max_blocks * self.block_size, dtype=torch.int64, device=self.device)
+        mask = pos[None, :] < self._tensor(lens)[:, None]
+        return DecodeBatch(rows=self._tensor(rows), block_table=self._tensor(table), mask=mask[:, None, None, :])

@@ -62,9 +62,13 @@ class InterleavedRotary:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x `[T, H, D]` pairwise: (a, b) -> (a cos - b sin, b cos + a sin)."""
+    """Rotate x `[T, H, D]` pairwise: (a, b) -> (a cos - b sin, b cos + a sin).
+
+    cos/sin: `[T, D/2]` (cast to x's dtype here) or already `[T, 1, D/2]` in x's dtype (the model prepares them
+    once per step instead of once per layer).
+    """
     pairs = x.unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
-    c = cos[:, None, :].to(x.dtype)
-    s = sin[:, None, :].to(x.dtype)
+    c = (cos if cos.dim() == 3 else cos[:, None, :]).to(x.dtype)
+    s = (sin if sin.dim() == 3 else sin[:, None, :]).to(x.dtype)
     return torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
