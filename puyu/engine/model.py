@@ -37,6 +37,18 @@ def make_linear(weights: dict[str, torch.Tensor], name: str) -> Linear:
     raise CheckpointError(f"weights: tensor {name}.weight (or {name}.qweight) is missing")
 
 
+def make_gate_up(weights: dict[str, torch.Tensor], prefix: str) -> Linear:
+    """`x -> cat(w1 x, w3 x)`: one matmul for both FFN inputs when they are dense without bias (half the matmul
+    calls, each twice as wide: cheaper on cpu, where every call synchronises the threads), else two."""
+    names = (prefix + "w1", prefix + "w3")
+    dense = all(f"{n}.weight" in weights and f"{n}.bias" not in weights for n in names)
+    if dense:
+        w = torch.cat([weights[f"{n}.weight"] for n in names], dim=1)
+        return lambda x: x @ w
+    w1, w3 = (make_linear(weights, n) for n in names)
+    return lambda x: torch.cat([w1(x), w3(x)], dim=-1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32 like transformers, cast back before the weight."""
     x32 = x.float()
@@ -50,8 +62,7 @@ class LayerWeights:
     ffn_norm: torch.Tensor
     qkv: Linear
     wo: Linear
-    w1: Linear
-    w3: Linear
+    gate_up: Linear  # x -> cat(w1 x, w3 x)
     w2: Linear
 
 
@@ -75,8 +86,7 @@ class DecoderModel:
             self.layers.append(LayerWeights(
                 attn_norm=_get(weights, p + "attention_norm.weight"), ffn_norm=_get(weights, p + "ffn_norm.weight"),
                 qkv=make_linear(weights, p + "attention.w_qkv"), wo=make_linear(weights, p + "attention.wo"),
-                w1=make_linear(weights, p + "feed_forward.w1"), w3=make_linear(weights, p + "feed_forward.w3"),
-                w2=make_linear(weights, p + "feed_forward.w2")))
+                gate_up=make_gate_up(weights, p + "feed_forward."), w2=make_linear(weights, p + "feed_forward.w2")))
         self.rotary = InterleavedRotary(spec, device)
 
     @torch.inference_mode()
@@ -98,6 +108,7 @@ class DecoderModel:
             attn = paged_attention(i, q, cache, batch)
             h = h + lw.wo(attn.flatten(1))
             x = rms_norm(h, lw.ffn_norm, s.norm_eps)
-            h = h + lw.w2(F.silu(lw.w1(x)) * lw.w3(x))
+            gate, up = lw.gate_up(x).chunk(2, dim=-1)
+            h = h + lw.w2(F.silu(gate) * up)
         last = rms_norm(h.index_select(0, logit_rows), self.norm, s.norm_eps)
         return (last @ self.lm_head.t()).float()
