@@ -17,9 +17,10 @@ def _expect_timeout() -> None:
     expect.set_options(timeout=expect_timeout_ms)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """One headless chromium for the whole run; each test opens its own contexts (separate cookies and sessions)."""
+    """One headless chromium per test module (a session-wide one would keep Playwright's event loop running in the
+    main thread, so every later asyncio.run() in the same pytest run fails); each test opens its own contexts."""
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         pytest.skip(f"{CHROMIUM} not found: scripts/setup.sh --test installs Debian's chromium")
     from playwright.sync_api import sync_playwright
