@@ -26,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ValueError("the web UI needs Gradio: pip install 'puyu[webui]' (and 'puyu[agent]' for data analysis)")
     from ..serve.options import engine_config_from_args
     from .app import AppConfig, build_app, launch
     from .personas import load_personas
