@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from bench_servers import VENV_BIN, Server, free_port, run_cli, run_puyu
+from bench_servers import VENV_BIN, Server, free_port, offline_env, run_cli, run_puyu
 
 # transformers serve rejects `ignore_eos` (422); its own `generation_config` field with eos_token_id -1 (no EOS)
 # forces the length instead.
@@ -27,7 +27,12 @@ def tf_server(checkpoint_factory, tmp_path_factory):
     model = checkpoint_factory("llama", "fp16")
     port = free_port()
     cmd = [str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with Server(cmd, port, tmp_path_factory.mktemp("tf-serve") / "server.log") as server:
+    work = tmp_path_factory.mktemp("tf-serve")
+    # transformers serve lists /v1/models from the HF cache and fails where that folder does not exist yet
+    # (a fresh machine): give it an existing, empty one
+    (work / "hf-cache").mkdir()
+    env = offline_env(HF_HUB_CACHE=str(work / "hf-cache"))
+    with Server(cmd, port, work / "server.log", env=env) as server:
         server.wait_ready()
         yield server, model
 
