@@ -62,3 +62,17 @@ def test_conversation_request_has_system_then_history():
     assert conv.request() == [{"role": "system", "content": "be brief"}, {"role": "assistant", "content": "hi there"},
                               {"role": "user", "content": "q"}]
     assert Conversation.start(PLAIN).request() == []
+
+
+def test_webui_without_gradio_says_which_extra(monkeypatch, capsys):
+    """A core install (no Gradio) gets one line naming the extra, not an ImportError traceback."""
+    import importlib.util
+
+    from puyu.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gradio" else real_find_spec(name, *a))
+    assert main(["webui", "--no-agent"]) == 2
+    err = capsys.readouterr().err
+    assert "puyu[webui]" in err and "Traceback" not in err
