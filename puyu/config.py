@@ -20,6 +20,10 @@ class ConfigError(ValueError):
 
 
 QUANT_POLICIES = (0, 4, 8)
+# Below this temperature `logits / temperature` overflows float32: such a request is decoded greedily (its limit).
+MIN_TEMPERATURE = 1e-4
+# A repetition penalty outside this range overflows or flushes the logits it divides/multiplies.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -108,8 +112,9 @@ class GenerationConfig:
         check(isinstance(self.temperature, (int, float)) and self.temperature >= 0, "temperature", "must be >= 0")
         check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be >= 0")
-        check(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
-              "repetition_penalty", "must be > 0")
+        lo, hi = REPETITION_PENALTY_RANGE
+        check(isinstance(self.repetition_penalty, (int, float)) and lo <= self.repetition_penalty <= hi,
+              "repetition_penalty", f"must be in [{lo}, {hi:g}]")
         check(isinstance(self.presence_penalty, (int, float)) and -2 <= self.presence_penalty <= 2,
               "presence_penalty", "must be in [-2, 2]")
         check(isinstance(self.frequency_penalty, (int, float)) and -2 <= self.frequency_penalty <= 2,
@@ -124,4 +129,4 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0 or self.top_k == 1
+        return not self.do_sample or self.temperature < MIN_TEMPERATURE or self.top_k == 1

@@ -73,12 +73,10 @@ def run_chat(args: argparse.Namespace) -> int:
     from ..config import GenerationConfig
     from ..webui.personas import Persona
     from .chat import TerminalChat, find_persona
-    from .protocol import MIN_TEMPERATURE
 
     persona = find_persona(args.persona) if args.persona else Persona(system=args.system or "")
-    sample = args.temperature >= MIN_TEMPERATURE
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
-                           temperature=args.temperature if sample else 1.0, top_p=args.top_p,
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, random_seed=args.seed)
     engine, _ = _engine(args)
     try:

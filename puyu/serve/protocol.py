@@ -12,11 +12,10 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from ..config import GenerationConfig
+from ..config import REPETITION_PENALTY_RANGE, GenerationConfig
 
 MAX_N = 16
 MAX_STOP = 16
-MIN_TEMPERATURE = 1e-4
 
 
 class UnsupportedFieldError(ValueError):
@@ -140,7 +139,8 @@ class _Sampling(_Strict):
     user: Optional[str] = Field(default=None, description="Recorded in the server log with the request id.")
     # LMDeploy's extras
     top_k: Optional[int] = Field(default=None, ge=0)
-    repetition_penalty: Optional[float] = Field(default=None, ge=0.01, le=100)  # wider overflows the logits
+    repetition_penalty: Optional[float] = Field(default=None, ge=REPETITION_PENALTY_RANGE[0],
+                                                le=REPETITION_PENALTY_RANGE[1])  # wider overflows the logits
     ignore_eos: Optional[bool] = None
     skip_special_tokens: Optional[bool] = None
     min_new_tokens: Optional[int] = Field(default=None, ge=0)
@@ -176,11 +176,10 @@ class _Sampling(_Strict):
                           choice: int = 0) -> GenerationConfig:
         """The engine's sampling options for choice number `choice` (n>1 runs n requests with seeds seed+i)."""
         temperature = 1.0 if self.temperature is None else self.temperature
-        sample = temperature >= MIN_TEMPERATURE  # below it, logits / temperature overflow: greedy is the limit
         seed = None if self.seed is None else self.seed + choice
         return GenerationConfig(
             max_new_tokens=max_new_tokens, min_new_tokens=self.min_new_tokens or 0,
-            do_sample=sample, temperature=temperature if sample else 1.0,
+            do_sample=temperature > 0, temperature=temperature,  # GenerationConfig decodes tiny ones greedily
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
