@@ -43,14 +43,17 @@ def _bytes_per_head_token(head_dim: int, dtype: torch.dtype, quant_policy: int) 
     return data + PARAMS_PER_HEAD * esize
 
 
+def slot_list(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    """Slots of token positions [start, end) of a sequence with blocks `block_table`: block * size + offset."""
+    if end > len(block_table) * block_size:
+        raise ValueError(f"positions up to {end} need {-(-end // block_size)} blocks, the table has {len(block_table)}")
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 def slots_for(block_table: Sequence[int], start: int, end: int, block_size: int,
               device: torch.device | str = "cpu") -> torch.Tensor:
-    """int64 slots of token positions [start, end) of a sequence whose blocks are `block_table`."""
-    pos = torch.arange(start, end, dtype=torch.int64)
-    table = torch.as_tensor(list(block_table), dtype=torch.int64)
-    if end > len(table) * block_size:
-        raise ValueError(f"positions up to {end} need {-(-end // block_size)} blocks, the table has {len(table)}")
-    return (table[pos // block_size] * block_size + pos % block_size).to(device)
+    """`slot_list` as an int64 tensor on `device`."""
+    return torch.tensor(slot_list(block_table, start, end, block_size), dtype=torch.int64, device=device)
 
 
 class KVCacheStorage:

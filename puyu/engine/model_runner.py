@@ -6,7 +6,7 @@ from collections import defaultdict
 import torch
 
 from .attention import AttentionBatch, DecodeBatch, PrefillChunk, PrefillGroup
-from .kv_cache import KVCacheStorage, slots_for
+from .kv_cache import KVCacheStorage, slot_list, slots_for
 from .model import DecoderModel
 from .sequence import ScheduledSeq
 
@@ -17,10 +17,6 @@ class ModelRunner:
         self.cache = cache
         self.block_size = cache.block_size
         self.device = model.device
-
-    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _tensor(self, xs: list[int]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.int64, device=self.device)
@@ -45,7 +41,7 @@ class ModelRunner:
             row = len(ids)
             ids.extend(seq.token_at(start, start + n))
             positions.extend(range(start, start + n))
-            write_slots.extend(self._slots(seq.block_table, start, start + n))
+            write_slots.extend(slot_list(seq.block_table, start, start + n, self.block_size))
             seq_lens.append((n, start + n))
             if start == 0:
                 fresh[n].extend(range(row, row + n))
