@@ -8,8 +8,8 @@ DEFAULT_MODEL = "puyu-tiny"
 
 
 def resolve_model_path(model: Optional[str]) -> Path:
-    """None or 'puyu-tiny': the built-in model (built on first use); an existing directory: itself;
-    otherwise a registry name or hub repository id, downloaded on first use (see `puyu.download`)."""
+    """None or 'puyu-tiny': the built-in model (built on first use); an existing directory: itself; a GGUF file:
+    its sidecar directory (see `puyu.convert.gguf`); otherwise a registry name or hub repository id, downloaded on first use (see `puyu.download`)."""
     if model is None or model == DEFAULT_MODEL:
         from .tiny import puyu_tiny_path
 
@@ -17,6 +17,10 @@ def resolve_model_path(model: Optional[str]) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() or path.suffix == ".gguf":
+        from .convert.gguf import gguf_model_dir
+
+        return gguf_model_dir(path)
     try:
         from .download import resolve_remote_model
     except ImportError:

@@ -11,12 +11,15 @@ snapshots make recent transformers give protocol tokens ids beyond the table (..
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .convert.spec import CheckpointError
 from .tiny import INTERNLM2_CHAT_TEMPLATE
+
+log = logging.getLogger(__name__)
 
 # InternLM2 snapshots that keep placeholder names for the protocol tokens inside the SentencePiece vocabulary.
 _INTERNLM2_PLACEHOLDERS = {"<|plugin|>": "[UNUSED_TOKEN_141]", "<|interpreter|>": "[UNUSED_TOKEN_142]",
@@ -139,7 +142,7 @@ class Tokenizer:
     """The tokenizer of one checkpoint. `vocab_rows` (the embedding rows) bounds every id we produce or accept."""
 
     def __init__(self, model_dir: Path | str, vocab_rows: Optional[int] = None,
-                 eos_token_ids: Sequence[int] = ()):
+                 eos_token_ids: Sequence[int] = (), arch: str = ""):
         self.model_dir = Path(model_dir)
         cfg = _read_config(self.model_dir)
         if (self.model_dir / "tokenizer.json").exists():
@@ -152,10 +155,7 @@ class Tokenizer:
         self.bos_token = _token_str(cfg.get("bos_token")) or "<s>"
         self.eos_token = _token_str(cfg.get("eos_token")) or "</s>"
         self.bos_token_id = self.backend.token_to_id(self.bos_token)
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        self.chat_template: str = template if isinstance(template, str) and template else INTERNLM2_CHAT_TEMPLATE
+        self.chat_template: str = checkpoint_chat_template(self.model_dir, cfg, arch)
         self.stop_token_ids = self._stop_ids(eos_token_ids)
         for name, i in (("<|im_end|>", self.backend.token_to_id("<|im_end|>")), ("bos", self.bos_token_id)):
             if i is not None and i >= self.vocab_rows:
@@ -199,6 +199,27 @@ class Tokenizer:
 
     def detokenizer(self, skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, skip_special_tokens)
+
+
+def checkpoint_chat_template(model_dir: Path, cfg: dict, arch: str = "") -> str:
+    """The checkpoint's own chat template: `chat_template.jinja` (transformers >= 4.50 saves it there), else
+    `chat_template` of tokenizer_config.json. Only an InternLM2 checkpoint without one falls back to InternLM2's
+    template (logged); any other model without one gets '' and chat requests are refused by `render_chat`."""
+    jinja_path = model_dir / "chat_template.jinja"
+    if jinja_path.is_file():
+        try:
+            return jinja_path.read_text()
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{jinja_path}: not UTF-8 text ({exc})") from None
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if isinstance(template, str) and template:
+        return template
+    if arch == "internlm2":
+        log.warning("%s: no chat template in the checkpoint; using InternLM2's", model_dir)
+        return INTERNLM2_CHAT_TEMPLATE
+    return ""
 
 
 class IncrementalDetokenizer:
@@ -245,6 +266,9 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     def raise_exception(message: str) -> None:
         raise ValueError(f"chat template: {message}")
 
+    if not template:
+        raise ValueError("messages: this model has no chat template (chat_template.jinja or tokenizer_config.json); "
+                         "send a plain prompt instead")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     try:

@@ -19,10 +19,17 @@ def is_workspace(path: Path | str) -> bool:
     return (Path(path) / "triton_models").exists()
 
 
-def load_model_weights(path: Path | str,
-                       dtype: "torch.dtype | None" = None) -> tuple[ModelSpec, dict[str, "torch.Tensor"]]:
-    """TurboMind-layout tensors at tp=1 from an HF directory or a TurboMind workspace (see DEVELOPERS.md)."""
+def load_model_weights(path: Path | str, dtype: "torch.dtype | None" = None,
+                       dequantize: bool = False) -> tuple[ModelSpec, dict[str, "torch.Tensor"]]:
+    """TurboMind-layout tensors at tp=1 from an HF directory, a TurboMind workspace or a GGUF sidecar directory
+    (see DEVELOPERS.md). `dequantize` turns a GGUF file's packed 4-bit linears into dense weights."""
     path = Path(path)
+    from .gguf import is_gguf_dir
+
+    if is_gguf_dir(path):
+        from .gguf import read_gguf_weights
+
+        return read_gguf_weights(path, dtype, dequantize)
     if is_workspace(path):
         from .workspace import read_workspace
 

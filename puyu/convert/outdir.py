@@ -11,7 +11,7 @@ from typing import Iterator
 from .spec import CheckpointError
 
 # files copied from a checkpoint to the output root (tokenizer, configs, remote code), as LMDeploy does
-COPY_SUFFIXES = (".json", ".py", ".model", ".tiktoken", ".txt")
+COPY_SUFFIXES = (".json", ".py", ".model", ".tiktoken", ".txt", ".jinja")
 
 
 def check_destination(dst: Path, force: bool) -> None:

@@ -36,14 +36,14 @@ def internlm2_to_llama_state_dict(files: CheckpointFiles, spec: ModelSpec) -> di
 def _llama_config(spec: ModelSpec):
     from transformers import LlamaConfig
 
-    rope_scaling = None
+    rope_parameters: dict = {"rope_type": "default", "rope_theta": spec.rope_theta}
     if spec.rope_scaling_type:
-        rope_scaling = {"rope_type": spec.rope_scaling_type, "factor": spec.rope_scaling_factor}
+        rope_parameters.update(rope_type=spec.rope_scaling_type, factor=spec.rope_scaling_factor)
     return LlamaConfig(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim, max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=spec.norm_eps, rope_theta=spec.rope_theta, rope_scaling=rope_scaling,
+        rms_norm_eps=spec.norm_eps, rope_parameters=rope_parameters,
         attention_bias=spec.attn_bias, tie_word_embeddings=spec.tie_word_embeddings,
         bos_token_id=spec.bos_token_id, eos_token_id=list(spec.eos_token_ids),
     )

@@ -63,9 +63,26 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
+def _rope_parameters(cfg: dict) -> dict:
+    """The rope settings of either config layout: transformers < 5 writes `rope_theta` and `rope_scaling` at the top
+    level; transformers 5 writes one `rope_parameters` mapping (`rope_theta`, `rope_type`, `factor`, ...). Keys of
+    `rope_parameters` win, top-level keys fill the gaps."""
+    merged = dict(cfg.get("rope_scaling") or {})
+    if "rope_theta" in cfg:
+        merged.setdefault("rope_theta", cfg["rope_theta"])
+    params = cfg.get("rope_parameters") or {}
+    if isinstance(params, dict):
+        merged.update(params)
+    return merged
+
+
+def _rope_theta(cfg: dict) -> float:
+    return float(_rope_parameters(cfg).get("rope_theta") or 10000.0)
+
+
 def _rope_scaling(cfg: dict) -> tuple[str, float, int]:
-    """Accept both `type` and `rope_type` spellings; null / default mean no scaling."""
-    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    """Accept both `type` and `rope_type` spellings, in either layout; null / default mean no scaling."""
+    rs = _rope_parameters(cfg)
     kind = rs.get("rope_type") or rs.get("type") or ""
     if kind == "default":
         kind = ""
@@ -91,7 +108,7 @@ def read_model_spec(model_dir: Path | str) -> ModelSpec:
             num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads), intermediate_size=int(cfg["intermediate_size"]),
             vocab_size=int(cfg["vocab_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=_rope_theta(cfg),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             attn_bias=bool(cfg.get("bias", False)) if arch == "internlm2" else
             (arch == "qwen2" or bool(cfg.get("attention_bias", False))),

@@ -42,8 +42,8 @@ def resolve_checkpoint(model_path: Union[str, Path, None]) -> Path:
 
     text = None if model_path is None else str(model_path)
     looks_local = isinstance(model_path, Path) or (text or "").startswith(("/", "./", "../", "~"))
-    if looks_local and not Path(text).expanduser().is_dir():
-        raise CheckpointError(f"{text}: no such model directory")
+    if looks_local and not Path(text).expanduser().exists():
+        raise CheckpointError(f"{text}: no such model directory or file")
     try:
         path = resolve_model_path(text)
     except FileNotFoundError as exc:
@@ -55,11 +55,17 @@ def resolve_checkpoint(model_path: Union[str, Path, None]) -> Path:
 
 def load_weights(path: Path, config: EngineConfig, device: torch.device
                  ) -> tuple[ModelSpec, dict[str, torch.Tensor], torch.dtype]:
-    spec, weights = load_model_weights(path, None)
-    dtype = resolve_dtype(config, spec, device)
-    weights = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-               for k, v in weights.items()}
+    # an explicit --dtype asks for dense weights; 'auto' keeps a GGUF file's 4-bit linears packed
+    spec, weights = load_model_weights(path, None, dequantize=config.dtype != "auto")
+    dtype = resolve_dtype(config, spec, device, packed=any(name.endswith(".qweight") for name in weights))
+    weights = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() and not _is_quant_param(k)
+               else v.to(device) for k, v in weights.items()}
     return spec, weights, dtype
+
+
+def _is_quant_param(name: str) -> bool:
+    """4-bit scales and zero points keep their stored precision (Int4Linear casts them where it computes)."""
+    return name.endswith((".scales", ".zeros"))
 
 
 class LLMEngine:
@@ -74,7 +80,7 @@ class LLMEngine:
         cpu_threads(config)
         self.spec, weights, self.dtype = load_weights(self.model_path, config, self.device)
         self.model = DecoderModel(self.spec, weights, self.device)
-        self.tokenizer = Tokenizer(self.model_path, self.spec.vocab_size, self.spec.eos_token_ids)
+        self.tokenizer = Tokenizer(self.model_path, self.spec.vocab_size, self.spec.eos_token_ids, self.spec.arch)
         self._init_cache()
         self.requests: dict[str, _Request] = {}
         self.tokens_generated = 0

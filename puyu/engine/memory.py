@@ -25,12 +25,13 @@ def resolve_device(config: EngineConfig) -> torch.device:
     return torch.device(config.device)
 
 
-def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device) -> torch.dtype:
-    """'auto': float32 on cpu (fp16 matmuls are slow there), the checkpoint's dtype on cuda."""
+def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device, packed: bool = False) -> torch.dtype:
+    """'auto': float32 on cpu (fp16 matmuls are slow there) unless the weights are packed 4-bit (torch's fused int4
+    kernel on cpu takes bf16 activations only), the checkpoint's dtype on cuda."""
     if config.dtype != "auto":
         return _DTYPES[config.dtype]
     if device.type == "cpu":
-        return torch.float32
+        return torch.bfloat16 if packed else torch.float32
     return _DTYPES.get(spec.torch_dtype, torch.float16)
 
 
