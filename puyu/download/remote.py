@@ -82,6 +82,8 @@ def cached_model(request: DownloadRequest) -> Optional[Path]:
 
 def local_copy(entry: ModelEntry) -> Optional[Path]:
     """Where `entry` already is on this machine (complete), without building or downloading anything."""
+    if entry.packaged_file() is not None:
+        return entry.packaged_file()
     if entry.builtin:
         from ..tiny import cache_root
 
@@ -93,7 +95,13 @@ def local_copy(entry: ModelEntry) -> Optional[Path]:
 
 def resolve_remote_model(name_or_repo: str) -> Path:
     """A registry name ('internlm2-chat-1_8b') or hub repository id ('internlm/internlm2-chat-1_8b') -> local dir."""
-    request = request_for(name_or_repo, prefer_safetensors=True)
+    registry = load_registry()
+    packaged = registry[name_or_repo].packaged_file() if name_or_repo in registry else None
+    if packaged is not None:
+        from ..convert.gguf import gguf_model_dir
+
+        return gguf_model_dir(packaged)
+    request = request_for(name_or_repo, registry=registry, prefer_safetensors=True)
     if request is None:
         from ..tiny import puyu_tiny_path
 
