@@ -21,12 +21,48 @@ class StreamOutput:
     request_id: str = ""
 
 
+class _StopMatcher:
+    """Knuth-Morris-Pratt state of one stop word over the text so far: `state` is the length of the longest suffix of
+    the text that is a prefix of the word, so each new character costs amortised O(1) (no rescans of held text)."""
+
+    def __init__(self, word: str):
+        self.word = word
+        fail = [0] * len(word)
+        k = 0
+        for i in range(1, len(word)):
+            while k and word[i] != word[k]:
+                k = fail[k - 1]
+            if word[i] == word[k]:
+                k += 1
+            fail[i] = k
+        self.fail = fail
+        self.state = 0
+
+    def feed(self, ch: str) -> bool:
+        """Advance by one character; True when the word has just been completed."""
+        w, k = self.word, self.state
+        while k and w[k] != ch:
+            k = self.fail[k - 1]
+        if w[k] == ch:
+            k += 1
+        if k == len(w):
+            self.state = self.fail[k - 1]
+            return True
+        self.state = k
+        return False
+
+
 class TextStream:
-    """Text deltas of one request: incremental detokenisation, stop words cut out (and held back while ambiguous)."""
+    """Text deltas of one request: incremental detokenisation, stop words cut out (and held back while ambiguous).
+
+    The stop check is linear in the generated text: each stop word keeps a KMP state, and only the new characters are
+    looked at (the held-back text is the longest partial match, at most the longest stop word less one)."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool, stop_words: Optional[list[str]]):
         self.detok: IncrementalDetokenizer = tokenizer.detokenizer(skip_special_tokens)
-        self.stop_words = list(stop_words or [])
+        self.stop_words = [w for w in (stop_words or []) if w]
+        self._matchers = [_StopMatcher(w) for w in self.stop_words]
+        self._firsts = frozenset(w[0] for w in self.stop_words)
         self.held = ""
         self.stopped = False
 
@@ -45,14 +81,26 @@ class TextStream:
         return text
 
     def _filter(self, delta: str) -> str:
-        if self.stopped or not self.stop_words:
+        """The first stop word to be completed ends the text (the earliest-starting one if several end together)."""
+        if self.stopped or not self._matchers:
             return "" if self.stopped else delta
         buf = self.held + delta
-        hits = [i for i in (buf.find(w) for w in self.stop_words) if i >= 0]
-        if hits:
-            self.stopped = True
-            self.held = ""
-            return buf[:min(hits)]
-        keep = max((n for w in self.stop_words for n in range(1, len(w)) if buf.endswith(w[:n])), default=0)
+        base = len(self.held)
+        matchers, firsts = self._matchers, self._firsts
+        active = bool(self.held)
+        for i, ch in enumerate(delta):
+            if not active and ch not in firsts:
+                continue  # every state is 0 and stays 0
+            cut = -1
+            for m in matchers:
+                if m.feed(ch):
+                    start = base + i + 1 - len(m.word)
+                    cut = start if cut < 0 else min(cut, start)
+            if cut >= 0:
+                self.stopped = True
+                self.held = ""
+                return buf[:cut]
+            active = any(m.state for m in matchers)
+        keep = max(m.state for m in matchers)
         self.held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep]
