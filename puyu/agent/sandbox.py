@@ -47,6 +47,7 @@ class SandboxConfig:
     block_network: bool = True
     use_namespaces: bool = True
     use_landlock: bool = True
+    use_seccomp: bool = True  # x86_64: no unix/raw/netlink sockets, no chmod/chown/utime/xattr (see worker.py)
     restrict_reads: bool = True  # with Landlock: reads only from system/Python paths and the run folder
 
     def __post_init__(self) -> None:
@@ -126,7 +127,8 @@ class Sandbox:
                "writable": [str(self.workdir), str(self.figures_dir), str(self._tmp)],
                "memory_bytes": self.config.memory_mb * 2**20, "file_size_bytes": self.config.file_size_mb * 2**20,
                "block_network": self.config.block_network, "use_namespaces": self.config.use_namespaces,
-               "use_landlock": self.config.use_landlock, "restrict_reads": self.config.restrict_reads}
+               "use_landlock": self.config.use_landlock, "use_seccomp": self.config.use_seccomp,
+               "restrict_reads": self.config.restrict_reads}
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", WORKER_SOURCE.read_text(), json.dumps(cfg)],

@@ -101,7 +101,7 @@ def read_roots():
 def _landlock(writable, block_tcp, restrict_reads):
     """Allow writes only beneath `writable`; with `restrict_reads`, reads and execution only beneath `read_roots()`
     and `writable`; with `block_tcp`, deny TCP connect/bind (ABI >= 4); from ABI 6 also forbid signalling
-    processes outside the sandbox. Returns the ABI version in force, or 0."""
+    processes and abstract unix sockets outside the sandbox. Returns the ABI version in force, or 0."""
     libc = _libc()
     libc.syscall.restype = ctypes.c_long
     abi = libc.syscall(_LL_CREATE, None, 0, 1)
@@ -114,7 +114,7 @@ def _landlock(writable, block_tcp, restrict_reads):
     if abi >= 4 and block_tcp:
         attr.handled_access_net, size = 0b11, 16  # BIND_TCP | CONNECT_TCP, no rule allows any port
     if abi >= 6:
-        attr.scoped, size = 0b10, 24  # LANDLOCK_SCOPE_SIGNAL
+        attr.scoped, size = 0b11, 24  # LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL
     fd = libc.syscall(_LL_CREATE, ctypes.byref(attr), size, 0)
     if fd < 0:
         return 0
@@ -167,12 +167,69 @@ def _patch_socket():
     socket.create_connection = lambda *a, **k: _NoNetSocket()
 
 
+# seccomp (x86_64 only): syscall numbers and classic-BPF opcodes.
+_AUDIT_ARCH_X86_64, _X32_BIT = 0xC000003E, 0x40000000
+_LD_ABS, _JEQ, _JGE, _AND, _RET = 0x20, 0x15, 0x35, 0x54, 0x06
+_ALLOW, _ERRNO = 0x7FFF0000, 0x00050000
+_SYS_SOCKET, _SYS_SOCKETPAIR, _SYS_CLONE3 = 41, 53, 435
+_AF_UNIX, _AF_INET, _AF_INET6, _SOCK_STREAM = 1, 2, 10, 1
+# chmod/chown/utime/xattr (Landlock does not cover metadata), io_uring (would bypass this filter), ptrace and
+# friends, file handles, bpf, mounts, keyrings, modules, perf, userfaultfd, setns.
+_DENIED = (90, 91, 268, 452, 92, 93, 94, 260, 132, 235, 261, 280, 188, 189, 190, 197, 198, 199, 463, 466,
+           425, 426, 427, 101, 310, 311, 438, 303, 304, 321, 165, 166, 155, 428, 429, 430, 431, 432, 433,
+           248, 249, 250, 175, 176, 313, 246, 320, 298, 323, 308)
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_program(allow_inet):
+    """The filter, as (code, jt, jf, k) tuples. Invariant: every path ends in a return; a foreign arch or an x32
+    call is EPERM; socket() is EPERM except AF_INET/AF_INET6 when `allow_inet` (never AF_UNIX: a pathname socket
+    outside the run folder is not covered by Landlock or the network namespace); socketpair() only as
+    AF_UNIX/SOCK_STREAM (a datagram pair could sendto() any socket path); clone3 is ENOSYS (libc falls back to
+    clone); the `_DENIED` calls are EPERM; everything else is allowed."""
+    deny = (_RET, 0, 0, _ERRNO | 1)
+    prog = [(_LD_ABS, 0, 0, 4), (_JEQ, 1, 0, _AUDIT_ARCH_X86_64), deny,
+            (_LD_ABS, 0, 0, 0), (_JGE, 0, 1, _X32_BIT), deny,
+            (_JEQ, 0, 1, _SYS_CLONE3), (_RET, 0, 0, _ERRNO | 38)]
+    for nr in _DENIED:
+        prog += [(_JEQ, 0, 1, nr), deny]
+    families = (_AF_INET, _AF_INET6) if allow_inet else ()
+    block = [(_LD_ABS, 0, 0, 16)] + [(_JEQ, len(families) - i, 0, f) for i, f in enumerate(families)]
+    prog += [(_JEQ, 0, len(block) + 2, _SYS_SOCKET)] + block + [deny, (_RET, 0, 0, _ALLOW)]
+    prog += [(_JEQ, 0, 6, _SYS_SOCKETPAIR), (_LD_ABS, 0, 0, 16), (_JEQ, 0, 3, _AF_UNIX), (_LD_ABS, 0, 0, 24),
+             (_AND, 0, 0, 0xF), (_JEQ, 1, 0, _SOCK_STREAM), deny]
+    return prog + [(_RET, 0, 0, _ALLOW)]
+
+
+def _seccomp(allow_inet):
+    """Install `seccomp_program` for this process and its future children; False where it cannot be (not x86_64,
+    no seccomp). Needs no_new_privs, which it sets."""
+    if os.uname().machine != "x86_64":
+        return False
+    libc = _libc()
+    prog = seccomp_program(allow_inet)
+    insns = (_SockFilter * len(prog))(*[_SockFilter(*i) for i in prog])
+    fprog = _SockFprog(len(prog), insns)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        return False
+    return libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+
+
 def lock_down(cfg):
     """Apply every restriction and report which ones are in force.
 
     Network, strongest first: a private network namespace (no interface but a downed loopback); else Landlock TCP
     rules (connect/bind denied, kernel ABI >= 4; UDP and raw sockets stay open); plus, whenever there is no
-    namespace, a patched `socket.socket` (only stops Python code that goes through the `socket` module)."""
+    namespace, a patched `socket.socket` (only stops Python code that goes through the `socket` module). Last, the
+    seccomp filter (`seccomp_program`): no socket() but AF_INET/AF_INET6 (and those only with the network on),
+    no chmod/chown/utime/xattr calls."""
     _set_limits(cfg)
     block = cfg.get("block_network", True)
     network = []
@@ -185,8 +242,27 @@ def lock_down(cfg):
             network.append("landlock-tcp")
         _patch_socket()
         network.append("socket-patch")
-    return {"memory_bytes": cfg.get("memory_bytes"), "network": "+".join(network) or "open",
+    seccomp = bool(cfg.get("use_seccomp", True)) and _seccomp(allow_inet=not block)
+    if seccomp:
+        _tolerate_metadata_errors()
+        network.append("seccomp")
+    return {"memory_bytes": cfg.get("memory_bytes"), "network": "+".join(network) or "open", "seccomp": seccomp,
             "filesystem": (f"landlock-v{abi}:" + ("read+write" if reads else "write")) if abi else "unrestricted"}
+
+
+def _tolerate_metadata_errors():
+    """`shutil.copy`/`copy2` copy permission bits and times, which the seccomp filter refuses: keep the copy."""
+    import shutil
+
+    def tolerant(original):
+        def call(*args, **kwargs):
+            try:
+                original(*args, **kwargs)
+            except PermissionError:
+                pass
+        return call
+
+    shutil.copymode, shutil.copystat = tolerant(shutil.copymode), tolerant(shutil.copystat)
 
 
 # ---------------------------------------------------------------------------------------------- figures

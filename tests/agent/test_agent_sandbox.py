@@ -118,7 +118,7 @@ def test_network_connection_fails(shared, tcp_server):
 
 def test_socket_patch_fallback_blocks_connections(tmp_path, tcp_server):
     port, _ = tcp_server
-    cfg = SandboxConfig(timeout_s=120, use_namespaces=False, use_landlock=False)
+    cfg = SandboxConfig(timeout_s=120, use_namespaces=False, use_landlock=False, use_seccomp=False)
     with Sandbox(tmp_path / "w", config=cfg) as sb:
         assert sb.isolation["network"] == "socket-patch" and sb.isolation["filesystem"] == "unrestricted"
         r = sb.run(CONNECT.format(port=port))
@@ -207,7 +207,7 @@ def test_landlock_tcp_rules_block_raw_sockets_without_a_namespace(tmp_path, tcp_
     """Without a network namespace, Landlock (ABI >= 4) denies TCP connect even to code that bypasses the patched
     `socket` module through `_socket`."""
     port, accepted = tcp_server
-    with Sandbox(tmp_path / "w", config=SandboxConfig(timeout_s=120, use_namespaces=False)) as sb:
+    with Sandbox(tmp_path / "w", config=SandboxConfig(timeout_s=120, use_namespaces=False, use_seccomp=False)) as sb:
         if "landlock-tcp" not in sb.isolation["network"]:
             pytest.skip(f"Landlock TCP rules are not available here ({sb.isolation})")
         r = sb.run(f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\nprint('CONNECTED')")
