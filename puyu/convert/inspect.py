@@ -21,7 +21,7 @@ class TensorEntry:
 @dataclass
 class Inspection:
     path: Path
-    kind: str  # 'hf' | 'workspace'
+    kind: str  # 'hf' | 'workspace' | 'gguf'
     summary: dict[str, Any]
     tensors: list[TensorEntry] = field(default_factory=list)
 
@@ -32,6 +32,8 @@ class Inspection:
 
 def inspect_path(path: Path | str) -> Inspection:
     path = Path(path)
+    if path.is_file() or path.suffix == ".gguf":
+        return _inspect_gguf(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     if (path / "triton_models").exists():
@@ -39,14 +41,21 @@ def inspect_path(path: Path | str) -> Inspection:
     return _inspect_hf(path)
 
 
+def _inspect_gguf(path: Path) -> Inspection:
+    """A GGUF file: the summary of its sidecar config, and its tensors as stored (GGUF types, bytes on disk)."""
+    from .gguf import gguf_model_dir, open_gguf
+
+    summary = _inspect_hf_summary(gguf_model_dir(path))
+    reader = open_gguf(path)
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    summary["dtype"] = "GGUF " + ", ".join(types)
+    tensors = [TensorEntry(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name, int(t.n_bytes))
+               for t in reader.tensors]
+    return Inspection(path, "gguf", summary, tensors)
+
+
 def _inspect_hf(path: Path) -> Inspection:
-    spec = read_model_spec(path)
-    summary = {"architecture": spec.model_arch, "layers": spec.num_layers, "hidden": spec.hidden_size,
-               "heads": spec.num_heads, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-               "ffn": spec.intermediate_size, "vocab": spec.vocab_size, "dtype": spec.torch_dtype,
-               "quantization": f"{spec.quant_method} group {spec.group_size}" if spec.quant_method else "none",
-               "rope_scaling": f"{spec.rope_scaling_type} x{spec.rope_scaling_factor}" if spec.rope_scaling_type else
-               "none", "session_len": spec.session_len}
+    summary = _inspect_hf_summary(path)
     tensors = []
     for f in sorted(path.glob("*.safetensors")):
         tensors += _safetensors_entries(f)
@@ -54,6 +63,17 @@ def _inspect_hf(path: Path) -> Inspection:
         for f in sorted(path.glob("pytorch_model*.bin")):
             tensors += _bin_entries(f)
     return Inspection(path, "hf", summary, tensors)
+
+
+def _inspect_hf_summary(path: Path) -> dict[str, Any]:
+    spec = read_model_spec(path)
+    summary = {"architecture": spec.model_arch, "layers": spec.num_layers, "hidden": spec.hidden_size,
+               "heads": spec.num_heads, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+               "ffn": spec.intermediate_size, "vocab": spec.vocab_size, "dtype": spec.torch_dtype,
+               "quantization": f"{spec.quant_method} group {spec.group_size}" if spec.quant_method else "none",
+               "rope_scaling": f"{spec.rope_scaling_type} x{spec.rope_scaling_factor}" if spec.rope_scaling_type else
+               "none", "session_len": spec.session_len, "rope_theta": spec.rope_theta}
+    return summary
 
 
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -106,7 +126,8 @@ def _inspect_workspace(path: Path) -> Inspection:
 
 
 def format_inspection(ins: Inspection, show_tensors: bool = True) -> str:
-    lines = [f"{ins.path}: {'TurboMind workspace' if ins.kind == 'workspace' else 'HF checkpoint'}"]
+    kinds = {'workspace': 'TurboMind workspace', 'gguf': 'GGUF file', 'hf': 'HF checkpoint'}
+    lines = [f"{ins.path}: {kinds[ins.kind]}"]
     lines += [f"  {k}: {v}" for k, v in ins.summary.items()]
     lines.append(f"  tensors: {len(ins.tensors)}, {_human(ins.total_bytes)} ({ins.total_bytes} bytes)")
     if show_tensors:
