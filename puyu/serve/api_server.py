@@ -18,7 +18,8 @@ from .chat_api import ChatCompletion
 from .completions_api import Completion
 from .errors import APIError, from_validation_errors
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .middleware import APIKeyMiddleware, JSONBodyMiddleware, RequestCountMiddleware
+from .middleware import (DEFAULT_MAX_REQUEST_BYTES, APIKeyMiddleware, RequestCountMiddleware,
+                         RequestGuardMiddleware)
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import ClientGone, now
 
@@ -53,9 +54,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error").response()
 
 
-def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence[str] = ()) -> FastAPI:
-    """The ASGI app serving `engine` under `model_name` (default: the engine's). `api_keys`: required keys on /v1.
-    The caller owns the engine (and closes it)."""
+def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence[str] = (),
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               allowed_hosts: Optional[Sequence[str]] = ("localhost", "127.0.0.1", "::1"),
+               allowed_origins: Sequence[str] = ()) -> FastAPI:
+    """The ASGI app serving `engine` under `model_name` (default: the engine's). `api_keys`: required keys on every
+    path but /health. `max_request_bytes`: the largest request body (413 beyond). `allowed_hosts`: accepted Host
+    names (None or '*': any). `allowed_origins`: browser origins allowed besides the server's own ('*': any), with
+    CORS headers for them. The caller owns the engine (and closes it)."""
     served = model_name or engine.model_name
     metrics = ServerMetrics(getattr(engine, "stats", None))
 
@@ -96,8 +102,15 @@ def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(APIKeyMiddleware, keys=list(api_keys))
+    if allowed_origins:  # CORS as vLLM: only when origins are configured
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_credentials=True,
+                           allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(RequestGuardMiddleware, max_body_bytes=max_request_bytes,
+                       allowed_hosts=None if allowed_hosts is None else list(allowed_hosts),
+                       allowed_origins=list(allowed_origins))
     app.add_middleware(RequestCountMiddleware, metrics=metrics)
     return app
 
@@ -106,4 +119,6 @@ def run_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> N
     """Serve until interrupted."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
+    # h11_max_incomplete_event_size: request line + headers at most 64 KiB (the body has its own limit and timeout)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30,
+                h11_max_incomplete_event_size=64 * 1024)

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: prompt rendering, tool calls, streaming and whole responses."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
@@ -54,7 +55,9 @@ class ChatCompletion:
                 for i in range(self.n)]
 
     async def respond(self, request: Request) -> Response:
-        prompt_ids, self.prefix = render_prompt(self.engine.tokenizer, self.req)
+        # rendering and tokenising a long conversation takes a while: off the event loop, so /health and the other
+        # requests' streams go on meanwhile
+        prompt_ids, self.prefix = await asyncio.to_thread(render_prompt, self.engine.tokenizer, self.req)
         streams = await start(self.engine, self._jobs(prompt_ids), self.id, self.metrics)
         if self.req.stream:
             return sse_response(self._stream(streams))

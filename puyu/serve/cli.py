@@ -20,6 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--server-port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
                        help="accepted API keys (Authorization: Bearer KEY); none: no authentication")
+    serve.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024, metavar="N",
+                       help="largest request body in bytes; larger ones are answered 413 (default 8 MiB)")
+    serve.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                       help="Host header names accepted ('*': any; default: localhost, 127.0.0.1, ::1 and "
+                            "--server-name, or any when bound to 0.0.0.0 / ::)")
+    serve.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                       help="browser origins allowed to call the API, with CORS headers ('*': any; default: none "
+                            "but the server's own)")
     serve.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model folder's)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=run_serve)
@@ -57,8 +65,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.server_port < 65536:
         raise ValueError(f"--server-port: {args.server_port} is not a TCP port")
+    if args.max_request_bytes < 1024:
+        raise ValueError(f"--max-request-bytes: {args.max_request_bytes} is too small (at least 1024)")
+    from .middleware import default_allowed_hosts
+
+    hosts = args.allowed_hosts if args.allowed_hosts is not None else default_allowed_hosts(args.server_name)
     engine, backend = _engine(args)
-    app = create_app(engine, model_name=args.model_name, api_keys=args.api_keys or ())
+    app = create_app(engine, model_name=args.model_name, api_keys=args.api_keys or (),
+                     max_request_bytes=args.max_request_bytes, allowed_hosts=hosts,
+                     allowed_origins=args.allowed_origins or ())
     print(f"puyu serve: {app.state.model_name} ({backend} backend) on http://{args.server_name}:{args.server_port}"
           f"{' (API keys required)' if args.api_keys else ''}", file=sys.stderr, flush=True)
     try:

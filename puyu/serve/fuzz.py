@@ -37,10 +37,10 @@ def fuzz(base_url: str, model: str, max_examples: int = 50, api_key: Optional[st
     from hypothesis import HealthCheck, given, seed as hseed, settings, strategies as st
     from schemathesis import GenerationMode
 
-    schema = schemathesis.openapi.from_url(base_url.rstrip("/") + "/openapi.json")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    schema = schemathesis.openapi.from_url(base_url.rstrip("/") + "/openapi.json", headers=headers or {})
     report = FuzzReport(base_url=base_url, max_examples=max_examples)
     statuses: collections.Counter = collections.Counter()
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     start = time.perf_counter()
     for result in schema.get_all_operations():
         operation = result.ok()

@@ -1,21 +1,46 @@
 """Request models of the OpenAI-compatible API (pydantic), and their mapping onto `GenerationConfig`.
 
-Every request model forbids unknown fields, so a typo or a field we do not implement is a 400 that names it instead of
+Every request model is strict (no coercion: `"10"` is not an integer, `"yes"` not a boolean, `true` not a token id) and
+forbids unknown fields, so a typo or a field we do not implement is a 400 that names it instead of
 being silently ignored. OpenAI fields we know but cannot honour are declared (so the schema documents them) and are
 rejected when they carry a value; `null` asks for nothing and is accepted. LMDeploy's extra sampling fields are
 accepted because the native engine honours them.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from ..config import REPETITION_PENALTY_RANGE, GenerationConfig
 
 MAX_N = 16
 MAX_STOP = 16
+MAX_STOP_LEN = 1024  # characters of one stop string
+MAX_JSON_DEPTH = 64  # nesting of tool schemas and tool-call arguments
+
+
+def _text_problem(value: Any, depth: int = 0) -> Optional[str]:
+    """Why `value` (a parsed JSON value) cannot be used as text: a lone surrogate, or nesting deeper than allowed."""
+    stack = [(value, depth)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return "contains a lone surrogate (invalid Unicode); send valid UTF-8 text"
+        elif isinstance(v, (list, tuple, dict)):
+            if d >= MAX_JSON_DEPTH:
+                return f"is nested more than {MAX_JSON_DEPTH} levels deep"
+            items = list(v.items()) if isinstance(v, dict) else [(None, x) for x in v]
+            for k, x in items:
+                if k is not None:
+                    stack.append((k, d + 1))
+                stack.append((x, d + 1))
+    return None
 
 
 class UnsupportedFieldError(ValueError):
@@ -27,7 +52,17 @@ class UnsupportedFieldError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, value: Any) -> Any:
+        """Every string (and every string inside a JSON object) is valid Unicode; free-form JSON is not too deep."""
+        if isinstance(value, (str, list, tuple, dict)):
+            problem = _text_problem(value)
+            if problem:
+                raise ValueError(problem)
+        return value
 
 
 class StreamOptions(_Strict):
@@ -58,6 +93,21 @@ class NamedToolChoice(_Strict):
 class FunctionCall(_Strict):
     name: str
     arguments: str
+
+    @field_validator("arguments", mode="after")
+    @classmethod
+    def _arguments_depth(cls, value: str) -> str:
+        """Arguments are kept verbatim when they are not JSON, but JSON nested too deep is an error (not a crash)."""
+        try:
+            parsed = json.loads(value) if value else None
+        except json.JSONDecodeError:
+            return value
+        except RecursionError:
+            raise ValueError(f"is nested more than {MAX_JSON_DEPTH} levels deep") from None
+        problem = _text_problem(parsed)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class ToolCall(_Strict):
@@ -158,10 +208,15 @@ class _Sampling(_Strict):
             raise UnsupportedFieldError(given)
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed with 'stream': true")
-        stops = self.stop_words()
-        if stops is not None and (len(stops) > MAX_STOP or not all(stops)):
-            raise ValueError(f"'stop' must be at most {MAX_STOP} non-empty strings")
         return self
+
+    @field_validator("stop", mode="after")
+    @classmethod
+    def _bounded_stop(cls, value: Union[str, list[str], None]) -> Union[str, list[str], None]:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP or not all(stops) or any(len(w) > MAX_STOP_LEN for w in stops):
+            raise ValueError(f"must be at most {MAX_STOP} non-empty strings of at most {MAX_STOP_LEN} characters each")
+        return value
 
     def stop_words(self) -> Optional[list[str]]:
         if self.stop is None:

@@ -81,7 +81,9 @@ async def start(engine: Any, jobs: Sequence[Job], request_id: str, metrics: Serv
     t0 = time.perf_counter()
     try:
         for job in jobs:
-            it = engine.generate(job.prompt, job.gen_config, request_id=f"{request_id}-{job.index}")
+            # the engine tokenises a string prompt in `generate`: off the event loop
+            it = await asyncio.to_thread(engine.generate, job.prompt, job.gen_config,
+                                         request_id=f"{request_id}-{job.index}")
             it = it.__aiter__()
             try:
                 first = await it.__anext__()

@@ -263,7 +263,7 @@ def test_serve_disconnect_during_a_whole_answer_aborts_it(internlm2_checkpoint):
             body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True,
                                "temperature": 0}).encode()
             sock = socket.create_connection(("127.0.0.1", srv.port))
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             while engine.stats()["tokens_generated"] < 5:  # it is generating
                 time.sleep(0.01)
