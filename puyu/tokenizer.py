@@ -216,10 +216,19 @@ def checkpoint_chat_template(model_dir: Path, cfg: dict, arch: str = "") -> str:
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if isinstance(template, str) and template:
         return template
-    if arch == "internlm2":
+    if arch == "internlm2" or (not arch and _is_internlm2(model_dir)):
         log.warning("%s: no chat template in the checkpoint; using InternLM2's", model_dir)
         return INTERNLM2_CHAT_TEMPLATE
     return ""
+
+
+def _is_internlm2(model_dir: Path) -> bool:
+    """True unless config.json names another architecture (a tokenizer folder alone is taken as InternLM2's)."""
+    try:
+        archs = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return True
+    return not archs or "InternLM2ForCausalLM" in archs
 
 
 class IncrementalDetokenizer:

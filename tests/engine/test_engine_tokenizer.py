@@ -44,6 +44,22 @@ def test_checkpoint_template_preferred_else_ours(internlm2_checkpoint, tmp_path)
     del cfg["chat_template"]
     (own / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert Tokenizer(own).chat_template == INTERNLM2_CHAT_TEMPLATE
+    (own / "chat_template.jinja").write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
+    assert Tokenizer(own).apply_chat_template([{"role": "user", "content": "hi"}]) == "<hi>"
+
+
+def test_no_internlm2_template_for_other_architectures(checkpoint_factory, tmp_path):
+    """A Llama checkpoint without a template must not be rendered with InternLM2's (SmolLM2's prompt came out as
+    `<|im_start|><|im_start|>user` without its system prompt): chat requests are refused with a clear message."""
+    own = tmp_path / "llama"
+    shutil.copytree(checkpoint_factory("llama", "fp16"), own)
+    cfg = json.loads((own / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (own / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer(own)
+    assert tok.chat_template == ""
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 def test_ids_beyond_the_embedding_rows_are_refused(internlm2_checkpoint, tok):
