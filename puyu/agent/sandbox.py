@@ -1,17 +1,19 @@
 """A sandboxed, stateful Python interpreter: one fresh worker process per run.
 
 The parent side. `Sandbox.run(code)` sends a cell to the worker (`puyu/agent/worker.py`, started with `python -I`
-in its own session and process group, with a scrubbed environment) and waits for it with a select loop that enforces
+under a small reaper, `puyu/agent/reaper.py`, in its own session and process group, with a scrubbed environment; the
+reaper is a child subreaper and kills every process of the run when it ends, whatever group it moved to) and waits for it with a select loop that enforces
 the limits from outside the worker:
 
 - wall-clock timeout: SIGINT first (the cell gets KeyboardInterrupt and the variables survive); a cell that ignores
-  it is killed with its whole process group after a grace period, and the next cell gets a fresh worker;
+  it is killed with every process it started after a grace period, and the next cell gets a fresh worker;
 - output cap: output beyond `output_limit_bytes` is discarded and the cell is interrupted like a timeout;
 - a worker that dies (memory, `os._exit`, a crash) is reported and replaced on the next cell.
 
 Limits the worker applies to itself before user code runs: RLIMIT_AS/RLIMIT_DATA (memory), RLIMIT_FSIZE (file
 size), a private network namespace (else Landlock TCP rules, else a patched `socket`), Landlock write access limited
-to the working directory, the figures directory and a private temp directory. `isolation` says what is in force.
+to the working directory, the figures directory and a private temp directory, and a seccomp filter (no unix, raw or
+netlink sockets, no chmod/chown/utime/xattr). `isolation` says what is in force.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 WORKER_SOURCE = Path(__file__).with_name("worker.py")
+REAPER_SOURCE = Path(__file__).with_name("reaper.py")
 
 
 class SandboxError(RuntimeError):
@@ -131,7 +134,8 @@ class Sandbox:
                "restrict_reads": self.config.restrict_reads}
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", WORKER_SOURCE.read_text(), json.dumps(cfg)],
+                [sys.executable, "-I", "-S", "-c", REAPER_SOURCE.read_text(),
+                 sys.executable, "-I", "-c", WORKER_SOURCE.read_text(), json.dumps(cfg)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=[write_fd],
                 cwd=self.workdir, env=self._worker_env(), start_new_session=True)
         finally:
@@ -172,16 +176,28 @@ class Sandbox:
             self._kill()
             shutil.rmtree(self._tmp, ignore_errors=True)
 
+    def _terminate(self) -> None:
+        """End the run's processes: the reaper stops, kills and reaps every descendant of the worker (whatever
+        session or group they moved to), then exits; if it does not within 10 s, its process group is killed."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+
     def _kill(self) -> None:
-        """Kill the worker and everything in its process group, then reap it."""
+        """Terminate the worker and everything it started, then close the pipes."""
+        self._terminate()
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
         for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()
@@ -309,10 +325,7 @@ class _CellWaiter:
                           round(time.monotonic() - self.start, 3), self.total, self.total > len(self.output))
 
     def _finish_dead(self, reason: str) -> CellResult:
-        try:
-            os.killpg(self.sb._proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        self.sb._terminate()
         self._drain_output()
         self.sb._kill()
         error = self._limit_message(reason) + "; the interpreter was restarted and all variables were lost"

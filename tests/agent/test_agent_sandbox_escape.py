@@ -89,10 +89,14 @@ def test_no_namespace_fallback_denies_other_socket_families(tmp_path):
 
 
 ESCAPEE = ("import os, subprocess, sys\n"
-           "src = 'import os, time\\nif os.fork(): os._exit(0)\\nos.setsid()\\ntime.sleep({delay})\\n"
-           "open({mark!r}, \"w\").write(str(os.getpid()))'\n"
+           "src = {src!r}\n"
            "p = subprocess.Popen([sys.executable, '-c', src], start_new_session=True); p.wait()\n"
            "print('spawned')")
+GRANDCHILD = "import os, time\nif os.fork(): os._exit(0)\nos.setsid()\ntime.sleep({delay})\nopen({mark!r}, 'w')"
+
+
+def escapee(delay: float, mark: Path) -> str:
+    return ESCAPEE.format(src=GRANDCHILD.format(delay=delay, mark=str(mark)))
 
 
 def _alive(pid: int) -> bool:
@@ -118,17 +122,15 @@ def test_processes_that_leave_the_group_die_with_the_run(tmp_path):
     """A double-forked, setsid'd grandchild outlives neither `close()` nor a worker killed after a timeout."""
     work = tmp_path / "w"
     sb = Sandbox(work, config=SandboxConfig(timeout_s=120, interrupt_grace_s=1))
-    r = sb.run(ESCAPEE.format(delay=3, mark=str(work / "closed.txt")))
-    assert r.status == "ok" and "spawned" in r.output
-    r = sb.run(ESCAPEE.format(delay=3, mark=str(work / "timeout.txt")) +
+    r = sb.run(escapee(5, work / "timeout.txt") +
                "\nimport signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass", timeout_s=2)
     assert r.status == "timeout" and r.restarted
-    r = sb.run(ESCAPEE.format(delay=3, mark=str(work / "crash.txt")) + "\nos._exit(1)")
+    r = sb.run(escapee(5, work / "crash.txt") + "\nos._exit(1)")
     assert r.status == "crashed"
-    sb.run(ESCAPEE.format(delay=3, mark=str(work / "closed2.txt")))
+    assert sb.run(escapee(5, work / "closed.txt")).output.strip() == "spawned"
     sb.close()
     assert _sandboxed_pids(tmp_path) == []
-    time.sleep(4)
+    time.sleep(6)
     assert sorted(p.name for p in work.iterdir()) == []
 
 
