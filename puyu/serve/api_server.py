@@ -18,7 +18,7 @@ from .chat_api import ChatCompletion
 from .completions_api import Completion
 from .errors import APIError, from_validation_errors
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .middleware import (DEFAULT_MAX_REQUEST_BYTES, APIKeyMiddleware, RequestCountMiddleware,
+from .middleware import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, APIKeyMiddleware, RequestCountMiddleware,
                          RequestGuardMiddleware)
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import ClientGone, now
@@ -57,11 +57,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence[str] = (),
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                allowed_hosts: Optional[Sequence[str]] = ("localhost", "127.0.0.1", "::1"),
-               allowed_origins: Sequence[str] = ()) -> FastAPI:
+               allowed_origins: Sequence[str] = (), body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """The ASGI app serving `engine` under `model_name` (default: the engine's). `api_keys`: required keys on every
     path but /health. `max_request_bytes`: the largest request body (413 beyond). `allowed_hosts`: accepted Host
     names (None or '*': any). `allowed_origins`: browser origins allowed besides the server's own ('*': any), with
-    CORS headers for them. The caller owns the engine (and closes it)."""
+    CORS headers for them. `body_timeout`: seconds allowed between two chunks of a request body (408 beyond).
+    The caller owns the engine (and closes it)."""
     served = model_name or engine.model_name
     metrics = ServerMetrics(getattr(engine, "stats", None))
 
@@ -110,7 +111,7 @@ def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence
                            allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(RequestGuardMiddleware, max_body_bytes=max_request_bytes,
                        allowed_hosts=None if allowed_hosts is None else list(allowed_hosts),
-                       allowed_origins=list(allowed_origins))
+                       allowed_origins=list(allowed_origins), body_timeout=body_timeout)
     app.add_middleware(RequestCountMiddleware, metrics=metrics)
     return app
 
