@@ -2,13 +2,14 @@
 
 The parent side. `Sandbox.run(code)` sends a cell to the worker (`puyu/agent/worker.py`, started with `python -I`
 under a small reaper, `puyu/agent/reaper.py`, in its own session and process group, with a scrubbed environment; the
-reaper is a child subreaper and kills every process of the run when it ends, whatever group it moved to) and waits for it with a select loop that enforces
-the limits from outside the worker:
+reaper is a child subreaper and kills every process of the run when it ends, whatever group it moved to) and waits
+for it with a select loop that enforces the limits from outside the worker:
 
 - wall-clock timeout: SIGINT first (the cell gets KeyboardInterrupt and the variables survive); a cell that ignores
   it is killed with every process it started after a grace period, and the next cell gets a fresh worker;
 - output cap: output beyond `output_limit_bytes` is discarded and the cell is interrupted like a timeout;
-- a worker that dies (memory, `os._exit`, a crash) is reported and replaced on the next cell.
+- a worker that dies (memory, `os._exit`, a crash) is reported and replaced on the next cell; so is one whose
+  control pipe holds more than `CONTROL_LIMIT` bytes without a newline (user code can write to it).
 
 Limits the worker applies to itself before user code runs: RLIMIT_AS/RLIMIT_DATA (memory), RLIMIT_FSIZE (file
 size), a private network namespace (else Landlock TCP rules, else a patched `socket`), Landlock write access limited
@@ -22,6 +23,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -79,16 +81,29 @@ class CellResult:
 
 
 def copy_input_files(files: Iterable[str | Path], workdir: Path) -> list[Path]:
-    """Copy the input files into the working directory (by base name); the originals are never handed out."""
+    """Copy the input files into the working directory (by base name); the originals are never handed out.
+
+    Invariant: only regular files are read, never through a symlink (O_NOFOLLOW on the source), and a name already
+    in the working directory is never followed either (O_NOFOLLOW on the copy)."""
     copies: list[Path] = []
     for f in files:
         src = Path(f)
-        if not src.is_file():
+        if not os.path.lexists(src):
             raise FileNotFoundError(f"{src}: input file does not exist or is not a file")
+        if src.is_symlink():
+            raise ValueError(f"{src}: input file is a symlink; pass the file itself")
         dst = workdir / src.name
         if dst in copies:
             raise ValueError(f"{src}: two input files share the name {src.name!r}")
-        shutil.copyfile(src, dst)
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{src}: input file is not a regular file")
+            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            with open(fd, "rb", closefd=False) as r, open(out, "wb") as w:
+                shutil.copyfileobj(r, w, 1 << 20)
+        finally:
+            os.close(fd)
         copies.append(dst)
     return copies
 
@@ -225,6 +240,17 @@ class Sandbox:
             return _CellWaiter(self, cell, timeout_s or self.config.timeout_s).wait()
 
 
+def _regular(path: Path) -> bool:
+    """A regular file itself, not a symlink to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+CONTROL_LIMIT = 1 << 20  # bytes of control data without a newline before the cell is stopped
+
+
 class _CellWaiter:
     """The select loop of one cell: collects output, enforces the timeout and the output cap."""
 
@@ -260,6 +286,8 @@ class _CellWaiter:
                     if result.get("cell") == self.cell:  # a line about another cell (stale or forged) is dropped
                         self._drain_output()
                         return self._finish(result)
+                if len(self.control) > CONTROL_LIMIT:  # what is left has no newline: bounded, then stopped
+                    return self._finish_dead("crashed", "ProtocolError: the cell flooded the control pipe")
 
     def _parse_result(self) -> dict:
         line, self.control = self.control.split(b"\n", 1)
@@ -313,7 +341,7 @@ class _CellWaiter:
         checked."""
         root = self.sb.figures_dir
         paths = [Path(p) for p in result.get("figures", []) if isinstance(p, str)]
-        return [str(p) for p in paths if p.parent == root and p.suffix == ".png" and p.is_file()]
+        return [str(p) for p in paths if p.parent == root and p.suffix == ".png" and _regular(p)]
 
     def _finish(self, result: dict) -> CellResult:
         error = result.get("error")
@@ -324,10 +352,10 @@ class _CellWaiter:
         return CellResult(self.cell, status, self._text(), error, self._figures(result),
                           round(time.monotonic() - self.start, 3), self.total, self.total > len(self.output))
 
-    def _finish_dead(self, reason: str) -> CellResult:
+    def _finish_dead(self, reason: str, message: Optional[str] = None) -> CellResult:
         self.sb._terminate()
         self._drain_output()
         self.sb._kill()
-        error = self._limit_message(reason) + "; the interpreter was restarted and all variables were lost"
+        error = (message or self._limit_message(reason)) + "; the interpreter was restarted and all variables were lost"
         return CellResult(self.cell, reason, self._text(), error, [], round(time.monotonic() - self.start, 3),
                           self.total, self.total > len(self.output), restarted=True)
