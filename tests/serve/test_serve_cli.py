@@ -160,7 +160,8 @@ def test_serve_chat_history_overflow_is_reported_not_a_crash(scripted):
 def test_serve_cli_serves_with_api_key_and_stops_on_sigint(scripted, tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "puyu.cli", "serve", str(scripted), "--server-port", str(port), "--api-keys", "secret",
-           "--model-name", "m", "--backend", "native", "--log-level", "warning", *ENGINE_FLAGS]
+           "--model-name", "m", "--backend", "native", "--log-level", "warning", "--max-request-bytes", "4096",
+           "--allowed-origins", "https://ui.example", *ENGINE_FLAGS]
     with ServerProcess(cmd, port, tmp_path / "serve.log", "/health", env=dict(os.environ)) as server:
         server.wait_ready(120)  # start-up, not a measured timing
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
@@ -169,6 +170,16 @@ def test_serve_cli_serves_with_api_key_and_stops_on_sigint(scripted, tmp_path):
         assert reply.choices[0].message.content == REPLY_TEXT
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0).models.list()
+        import httpx
+
+        base, key = f"http://127.0.0.1:{port}", {"Authorization": "Bearer secret"}
+        assert httpx.get(base + "/metrics").status_code == 401 and httpx.get(base + "/health").status_code == 200
+        big = httpx.post(base + "/v1/completions", json={"model": "m", "prompt": "x" * 5000}, headers=key)
+        assert big.status_code == 413 and "--max-request-bytes" in big.json()["error"]["message"]
+        assert httpx.get(base + "/health", headers={"Host": "rebind.example"}).status_code == 400
+        assert httpx.get(base + "/v1/models", headers={**key, "Origin": "https://evil.example"}).status_code == 403
+        ok = httpx.get(base + "/v1/models", headers={**key, "Origin": "https://ui.example"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://ui.example"
         server.proc.send_signal(signal.SIGINT)
         assert server.proc.wait(timeout=60) == 0
         assert "puyu serve: m (native backend)" in server.log_tail()
