@@ -68,5 +68,6 @@ def write_report(path: Path, events: list[dict], result) -> None:
     iso = start["isolation"]
     lines += ["## Run details", "", f"- model: `{start['model']}`",
               f"- sandbox: network {iso.get('network')}, filesystem {iso.get('filesystem')}, "
+              f"seccomp {'on' if iso.get('seccomp') else 'off'}, "
               f"memory limit {iso.get('memory_bytes', 0) // 2**20} MiB", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
