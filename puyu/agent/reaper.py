@@ -2,13 +2,14 @@
 
 Started as `python -I -S -c <this file's text> WORKER_ARGV...` (standard library only). It makes itself a child
 subreaper, so every process the worker starts stays its descendant whatever it does (`setsid`, double fork, the
-worker's own death). Invariant: when the worker exits, or the reaper gets SIGTERM/SIGHUP (the parent's `close()`,
-or the parent's death through PDEATHSIG), every descendant is stopped, then killed and reaped before it exits.
+worker's own death). Invariant: when the worker exits, the reaper gets SIGTERM/SIGHUP (the parent's `close()`) or
+its parent dies, every descendant is stopped, then killed and reaped before it exits.
 """
 import ctypes
 import os
 import signal
 import sys
+import time
 
 
 class _Stop(Exception):
@@ -77,7 +78,6 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     worker = os.fork()
     if worker == 0:
         try:
@@ -90,7 +90,10 @@ def main() -> None:
 
     def interrupt(signum, frame):  # the parent's SIGINT is for the worker (never a recycled pid: we reap it)
         if alive[0]:
-            os.kill(worker, signal.SIGINT)
+            try:
+                os.kill(worker, signal.SIGINT)
+            except OSError:
+                pass
 
     signal.signal(signal.SIGINT, interrupt)
     null = os.open(os.devnull, os.O_RDWR)
@@ -98,10 +101,12 @@ def main() -> None:
         os.dup2(null, fd)  # the pipes' ends belong to the worker alone: EOF means the worker is gone
     os.closerange(3, 65536)
     try:
-        if os.getppid() != parent:
-            raise _Stop
-        while os.wait()[0] != worker:  # orphans of the run are reaped as they come
-            pass
+        while True:  # orphans of the run are reaped as they come; a dead parent (any thread) ends the run too
+            pid = os.waitpid(-1, os.WNOHANG)[0]
+            if pid == worker or (pid == 0 and os.getppid() != parent):
+                break
+            if pid == 0:
+                time.sleep(0.2)
     except (_Stop, ChildProcessError):
         pass
     alive[0] = False

@@ -145,7 +145,7 @@ class Sandbox:
                "writable": [str(self.workdir), str(self.figures_dir), str(self._tmp)],
                "memory_bytes": self.config.memory_mb * 2**20, "file_size_bytes": self.config.file_size_mb * 2**20,
                "block_network": self.config.block_network, "use_namespaces": self.config.use_namespaces,
-               "use_landlock": self.config.use_landlock, "use_seccomp": self.config.use_seccomp,
+               "use_landlock": self.config.use_landlock, "use_seccomp": self.config.use_seccomp, "reaper": True,
                "restrict_reads": self.config.restrict_reads}
         try:
             self._proc = subprocess.Popen(

@@ -188,18 +188,28 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def seccomp_program(allow_inet):
+_SIGNAL_CALLS = (62, 200, 234, 129, 297, 434, 302)  # kill, tkill, tgkill, rt_(tg)sigqueueinfo, pidfd_open, prlimit64
+
+
+def seccomp_program(allow_inet, reaper=0):
     """The filter, as (code, jt, jf, k) tuples. Invariant: every path ends in a return; a foreign arch or an x32
     call is EPERM; socket() is EPERM except AF_INET/AF_INET6 when `allow_inet` (never AF_UNIX: a pathname socket
     outside the run folder is not covered by Landlock or the network namespace); socketpair() only as
     AF_UNIX/SOCK_STREAM (a datagram pair could sendto() any socket path); clone3 is ENOSYS (libc falls back to
-    clone); the `_DENIED` calls are EPERM; everything else is allowed."""
+    clone); the `_DENIED` calls are EPERM; the `_SIGNAL_CALLS` cannot target the pid `reaper` (nor, for kill(),
+    its group, our group or -1: every process); everything else is allowed."""
     deny = (_RET, 0, 0, _ERRNO | 1)
     prog = [(_LD_ABS, 0, 0, 4), (_JEQ, 1, 0, _AUDIT_ARCH_X86_64), deny,
             (_LD_ABS, 0, 0, 0), (_JGE, 0, 1, _X32_BIT), deny,
             (_JEQ, 0, 1, _SYS_CLONE3), (_RET, 0, 0, _ERRNO | 38)]
     for nr in _DENIED:
         prog += [(_JEQ, 0, 1, nr), deny]
+    if reaper:
+        targets = (reaper, -reaper & 0xFFFFFFFF, 0, 0xFFFFFFFF)
+        kill = [(_LD_ABS, 0, 0, 16)] + [(_JEQ, len(targets) - i, 0, t) for i, t in enumerate(targets)]
+        prog += [(_JEQ, 0, len(kill) + 2, 62)] + kill + [(_RET, 0, 0, _ALLOW), deny]
+        for nr in _SIGNAL_CALLS[1:]:
+            prog += [(_JEQ, 0, 4, nr), (_LD_ABS, 0, 0, 16), (_JEQ, 1, 0, reaper), (_RET, 0, 0, _ALLOW), deny]
     families = (_AF_INET, _AF_INET6) if allow_inet else ()
     block = [(_LD_ABS, 0, 0, 16)] + [(_JEQ, len(families) - i, 0, f) for i, f in enumerate(families)]
     prog += [(_JEQ, 0, len(block) + 2, _SYS_SOCKET)] + block + [deny, (_RET, 0, 0, _ALLOW)]
@@ -208,13 +218,13 @@ def seccomp_program(allow_inet):
     return prog + [(_RET, 0, 0, _ALLOW)]
 
 
-def _seccomp(allow_inet):
+def _seccomp(allow_inet, reaper):
     """Install `seccomp_program` for this process and its future children; False where it cannot be (not x86_64,
     no seccomp). Needs no_new_privs, which it sets."""
     if os.uname().machine != "x86_64":
         return False
     libc = _libc()
-    prog = seccomp_program(allow_inet)
+    prog = seccomp_program(allow_inet, reaper)
     insns = (_SockFilter * len(prog))(*[_SockFilter(*i) for i in prog])
     fprog = _SockFprog(len(prog), insns)
     if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
@@ -242,7 +252,8 @@ def lock_down(cfg):
             network.append("landlock-tcp")
         _patch_socket()
         network.append("socket-patch")
-    seccomp = bool(cfg.get("use_seccomp", True)) and _seccomp(allow_inet=not block)
+    reaper = os.getppid() if cfg.get("reaper") else 0
+    seccomp = bool(cfg.get("use_seccomp", True)) and _seccomp(not block, reaper)
     if seccomp:
         _tolerate_metadata_errors()
         network.append("seccomp")

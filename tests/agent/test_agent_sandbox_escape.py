@@ -134,6 +134,21 @@ def test_processes_that_leave_the_group_die_with_the_run(tmp_path):
     assert sorted(p.name for p in work.iterdir()) == []
 
 
+def test_the_reaper_cannot_be_signalled_without_landlock(tmp_path):
+    """Without Landlock's signal scope the seccomp filter keeps user code from killing the reaper (and from kill(-1)):
+    the run's processes still die with it."""
+    work = tmp_path / "w"
+    sb = Sandbox(work, config=SandboxConfig(timeout_s=120, use_landlock=False))
+    r = sb.run(escapee(5, work / "mark.txt") + "\nfor pid, sig in ((-os.getppid(), 0), (0, 0), (-1, 0), (os.getppid(), 9)):"
+               "  # signal 0 only probes\n    try:\n        os.kill(pid, sig)\n    except PermissionError:\n"
+               "        print('denied', pid)")
+    assert r.output.count("denied") == 4, r
+    sb.close()
+    assert _sandboxed_pids(tmp_path) == []
+    time.sleep(6)
+    assert not (work / "mark.txt").exists()
+
+
 def test_a_flooded_control_pipe_stops_the_cell(tmp_path):
     """Garbage without a newline on the control pipe does not pile up in the parent: the worker is replaced."""
     flood = ("import os\nfor f in [int(f) for f in os.listdir('/proc/self/fd') if f.isdigit()][3:]:\n    try:\n"
