@@ -249,10 +249,18 @@ class _Tensors:
 
 
 def _rotary_rows(rows: np.ndarray, heads: int, head_dim: int, permute: bool) -> np.ndarray:
+    """HF half-split rows -> interleaved pairs (the readers' `permute_rotary_rows`) where `permute`."""
     if not permute:
         return rows
-    rest = rows.shape[1:]
-    return rows.reshape(heads, 2, head_dim // 2, *rest).swapaxes(1, 2).reshape(heads * head_dim, *rest)
+    from .readers import permute_rotary_rows
+
+    return permute_rotary_rows(_to_torch(rows), heads, head_dim).numpy()
+
+
+def _to_torch(a: np.ndarray) -> "torch.Tensor":
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _qkv(tensors: _Tensors, i: int, spec: ModelSpec, packed: bool, permute: bool) -> dict[str, np.ndarray]:
@@ -275,12 +283,12 @@ def _linear_out(name: str, parts: dict[str, np.ndarray], dtype: "torch.dtype | N
     from .awq import pack_int4
 
     if "weight" in parts:
-        w = torch.from_numpy(np.ascontiguousarray(parts["weight"]))
+        w = _to_torch(parts["weight"])
         return {f"{name}.weight": w.to(dtype) if dtype is not None else w}
-    return {f"{name}.qweight": pack_int4(torch.from_numpy(np.ascontiguousarray(parts["q"]))),
-            f"{name}.scales": torch.from_numpy(np.ascontiguousarray(parts["scales"])).to(torch.float16),
+    return {f"{name}.qweight": pack_int4(_to_torch(parts["q"])),
+            f"{name}.scales": _to_torch(parts["scales"]).to(torch.float16),
             # -m/d is not an integer: kept in float32 so that (q - z) * s reproduces d*q + m
-            f"{name}.zeros": torch.from_numpy(np.ascontiguousarray(parts["zeros"]))}
+            f"{name}.zeros": _to_torch(parts["zeros"])}
 
 
 def _linear(t: Any, packed: bool) -> dict[str, np.ndarray]:
