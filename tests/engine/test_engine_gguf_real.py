@@ -145,9 +145,7 @@ KV_PROMPT_LEN, KV_NEW, KV_BLOCK = 24, 32, 16
 def test_kv_quant_teacher_forced_agreement(puyu_cache):
     from puyu.config import EngineConfig
     from puyu.engine.llm_engine import LLMEngine
-    from test_engine_kvquant_agreement import agreement_figures
-
-    from puyu.engine.sequence import ScheduledSeq, Sequence
+    from test_engine_kvquant_agreement import agreement_figures, teacher_forced_logits, teacher_greedy
 
     texts = ["The history of the Roman Empire begins with the founding of the city of Rome on the banks of the river Tiber "
              "and spans more than a thousand years of politics, war and trade across the Mediterranean",
@@ -162,38 +160,15 @@ def test_kv_quant_teacher_forced_agreement(puyu_cache):
                                                  cache_max_entry_count=len(texts) * blocks,
                                                  enable_prefix_caching=False))
 
-    def seqs_for(prompts):
-        out = []
-        for i, p in enumerate(prompts):
-            s = Sequence(f"kv-{i}", list(p), GenerationConfig(), max_len=KV_PROMPT_LEN + KV_NEW)
-            s.block_table = list(range(i * blocks, (i + 1) * blocks))
-            out.append(s)
-        return out
-
-    def forced(eng, sequences):
-        seqs = seqs_for([t[:KV_PROMPT_LEN] for t in sequences])
-        steps = [eng.runner.run([ScheduledSeq(s, 0, KV_PROMPT_LEN) for s in seqs])]
-        for t in range(KV_PROMPT_LEN, len(sequences[0]) - 1):
-            for s, toks in zip(seqs, sequences):
-                s.output_ids.append(toks[t])
-            steps.append(eng.runner.run([ScheduledSeq(s, len(s) - 1, 1) for s in seqs]))
-        return torch.stack(steps, dim=1)
-
     base = engine(0)
     prompts = [base.tokenizer.encode(t, add_special_tokens=False)[:KV_PROMPT_LEN] for t in texts]
     assert all(len(p) == KV_PROMPT_LEN for p in prompts)
     # quant_policy 0's greedy continuation, then every policy teacher-forced over the same sequences
-    seqs = seqs_for(prompts)
-    logits = base.runner.run([ScheduledSeq(s, 0, KV_PROMPT_LEN) for s in seqs])
-    for _ in range(KV_NEW - 1):
-        for s, row in zip(seqs, logits):
-            s.output_ids.append(int(row.argmax()))
-        logits = base.runner.run([ScheduledSeq(s, len(s) - 1, 1) for s in seqs])
-    for s, row in zip(seqs, logits):
-        s.output_ids.append(int(row.argmax()))
-    sequences = [p + s.output_ids for p, s in zip(prompts, seqs)]
-    ref = forced(base, sequences)
-    figures = {qp: agreement_figures(ref, forced(engine(qp), sequences)) for qp in (8, 4)}
+    greedy = teacher_greedy(base, prompts, KV_NEW, KV_BLOCK)
+    sequences = [p + g for p, g in zip(prompts, greedy)]
+    ref = teacher_forced_logits(base, sequences, KV_PROMPT_LEN, KV_BLOCK)
+    figures = {qp: agreement_figures(ref, teacher_forced_logits(engine(qp), sequences, KV_PROMPT_LEN, KV_BLOCK))
+               for qp in (8, 4)}
     for qp, f in figures.items():
         print(f"\nSmolLM2-135M KV quant_policy {qp} vs 0, teacher-forced {len(texts)}x{KV_NEW} positions: "
               f"top-1 agreement {f['top1_agreement']:.4f}, KL mean {f['kl_mean']:.2e} (max {f['kl_max']:.2e}), "

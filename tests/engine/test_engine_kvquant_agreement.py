@@ -45,20 +45,22 @@ def _engine(path, qp: int) -> LLMEngine:
                                         enable_prefix_caching=False))
 
 
-def _sequences(prompts: list[list[int]]) -> list[Sequence]:
+def _sequences(prompts: list[list[int]], max_len: int = PROMPT_LEN + NEW_TOKENS, block: int = BLOCK) -> list[Sequence]:
     """Engine sequences over disjoint blocks (the block manager is bypassed: these runs own the whole cache)."""
+    blocks = math.ceil(max_len / block)
     seqs = []
     for i, p in enumerate(prompts):
-        s = Sequence(f"kvq-{i}", list(p), GenerationConfig(), max_len=PROMPT_LEN + NEW_TOKENS)
-        s.block_table = list(range(i * BLOCKS_PER_SEQ, (i + 1) * BLOCKS_PER_SEQ))
+        s = Sequence(f"kvq-{i}", list(p), GenerationConfig(), max_len=max_len)
+        s.block_table = list(range(i * blocks, (i + 1) * blocks))
         seqs.append(s)
     return seqs
 
 
-def teacher_forced_logits(engine: LLMEngine, sequences: list[list[int]], prompt_len: int) -> torch.Tensor:
+def teacher_forced_logits(engine: LLMEngine, sequences: list[list[int]], prompt_len: int,
+                          block: int = BLOCK) -> torch.Tensor:
     """Logits `[N, T, V]` predicting tokens prompt_len.. of each sequence: one batched prefill of the prompts, then
     one batched decode step per token, each step feeding the given (not the sampled) next token."""
-    seqs = _sequences([toks[:prompt_len] for toks in sequences])
+    seqs = _sequences([toks[:prompt_len] for toks in sequences], len(sequences[0]), block)
     steps = [engine.runner.run([ScheduledSeq(s, 0, prompt_len) for s in seqs])]
     for t in range(prompt_len, len(sequences[0]) - 1):
         for s, toks in zip(seqs, sequences):
@@ -79,11 +81,13 @@ def forced(checkpoint, prompts) -> dict[int, torch.Tensor]:
     return out
 
 
-def teacher_greedy(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+def teacher_greedy(engine: LLMEngine, prompts: list[list[int]], new_tokens: int = NEW_TOKENS,
+                   block: int = BLOCK) -> list[list[int]]:
     """quant_policy 0's greedy continuation, via the same runner (argmax of each step's logits)."""
-    seqs = _sequences(prompts)
-    logits = engine.runner.run([ScheduledSeq(s, 0, PROMPT_LEN) for s in seqs])
-    for _ in range(NEW_TOKENS - 1):
+    prompt_len = len(prompts[0])
+    seqs = _sequences(prompts, prompt_len + new_tokens, block)
+    logits = engine.runner.run([ScheduledSeq(s, 0, prompt_len) for s in seqs])
+    for _ in range(new_tokens - 1):
         for s, row in zip(seqs, logits):
             s.output_ids.append(int(row.argmax()))
         logits = engine.runner.run([ScheduledSeq(s, len(s) - 1, 1) for s in seqs])
