@@ -82,8 +82,9 @@ def cached_model(request: DownloadRequest) -> Optional[Path]:
 
 def local_copy(entry: ModelEntry) -> Optional[Path]:
     """Where `entry` already is on this machine (complete), without building or downloading anything."""
-    if entry.packaged_file() is not None:
-        return entry.packaged_file()
+    packaged = entry.packaged_file()
+    if packaged is not None:
+        return packaged
     if entry.builtin:
         from ..tiny import cache_root
 
