@@ -43,6 +43,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto: the checkpoint's dtype on cuda, float32 on cpu
     tp: int = 1
     num_threads: Optional[int] = None  # torch intra-op threads on cpu
+    # auto: puyu's own cpu kernels where they build (bf16-weight linears); torch: torch ops only (the reference)
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,6 +67,8 @@ class EngineConfig:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device", f"must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.kernels not in ("auto", "torch"):
+            raise ConfigError("kernels", f"must be 'auto' or 'torch', got {self.kernels!r}")
         if self.tp not in (1, 2, 4, 8):
             raise ConfigError("tp", f"must be 1, 2, 4 or 8, got {self.tp!r}")
 

@@ -43,6 +43,7 @@ class DecodeBatch:
     rows: torch.Tensor  # int64 [B]: rows of the decode tokens in the flattened step
     block_table: torch.Tensor  # int64 [B, nb]: the blocks of each context (padding points at block 0)
     mask: torch.Tensor  # bool [B, 1, 1, nb * block_size]: True where a key is real
+    lens: torch.Tensor  # int64 [B]: keys of each context (the step's own token included)
 
 
 @dataclass
@@ -82,6 +83,18 @@ def _continued_chunks(layer: int, q: torch.Tensor, out: torch.Tensor, cache: KVC
         out[chunk.q_start:chunk.q_start + chunk.q_len] = o.transpose(0, 1)
 
 
+def _decode_native(layer: int, q: torch.Tensor, out: torch.Tensor, cache: KVCacheStorage, d: DecodeBatch) -> bool:
+    """puyu's cpu kernel reading the block table in place; False when it does not take this cache."""
+    from . import cpu_kernels
+
+    if cache.quant_policy or not cpu_kernels.decode_attention_supports(q, cache.k_data):
+        return False
+    o = cpu_kernels.decode_attention(q.index_select(0, d.rows), cache.k_data[layer], cache.v_data[layer],
+                                     d.block_table, d.lens)
+    out.index_copy_(0, d.rows, o)
+    return True
+
+
 def _decode(layer: int, q: torch.Tensor, out: torch.Tensor, cache: KVCacheStorage, d: DecodeBatch) -> None:
     """One query per sequence: the query heads sharing a kv head become that head's query rows, so GQA needs no
     copy of k/v (all rows of a sequence see the same keys, there is no causal order among them)."""
@@ -92,11 +105,15 @@ def _decode(layer: int, q: torch.Tensor, out: torch.Tensor, cache: KVCacheStorag
     out.index_copy_(0, d.rows, o.reshape(b, -1, o.shape[-1]))
 
 
-def paged_attention(layer: int, q: torch.Tensor, cache: KVCacheStorage, batch: AttentionBatch) -> torch.Tensor:
-    """Attention output `[T, Hq, D]` for q `[T, Hq, D]`; the step's k/v must already be written to `cache`."""
+def paged_attention(layer: int, q: torch.Tensor, cache: KVCacheStorage, batch: AttentionBatch,
+                    kernels: str = "torch") -> torch.Tensor:
+    """Attention output `[T, Hq, D]` for q `[T, Hq, D]`; the step's k/v must already be written to `cache`.
+    `kernels="auto"`: decode tokens go to puyu's cpu kernel where it applies (SDPA over gathered blocks is the
+    reference)."""
     out = torch.empty_like(q)
     _fresh_groups(layer, q, out, cache, batch.groups)
     _continued_chunks(layer, q, out, cache, batch.prefills)
-    if batch.decode is not None:
-        _decode(layer, q, out, cache, batch.decode)
+    d = batch.decode
+    if d is not None and not (kernels == "auto" and _decode_native(layer, q, out, cache, d)):
+        _decode(layer, q, out, cache, d)
     return out

@@ -79,7 +79,7 @@ class LLMEngine:
         self.device = resolve_device(config)
         cpu_threads(config)
         self.spec, weights, self.dtype = load_weights(self.model_path, config, self.device)
-        self.model = DecoderModel(self.spec, weights, self.device)
+        self.model = DecoderModel(self.spec, weights, self.device, config.kernels)
         self.tokenizer = Tokenizer(self.model_path, self.spec.vocab_size, self.spec.eos_token_ids, self.spec.arch)
         self._init_cache()
         self.requests: dict[str, _Request] = {}

@@ -71,5 +71,6 @@ class ModelRunner:
         max_blocks = -(-max(lens) // self.block_size)
         table = [(it.seq.block_table[:max_blocks] + [0] * max_blocks)[:max_blocks] for it in items]
         pos = torch.arange(max_blocks * self.block_size, dtype=torch.int64, device=self.device)
-        mask = pos[None, :] < self._tensor(lens)[:, None]
-        return DecodeBatch(rows=self._tensor(rows), block_table=self._tensor(table), mask=mask[:, None, None, :])
+        mask = pos[None, :] < self._tensor(lens)[:, None]  # (the kernel path needs only lens)
+        return DecodeBatch(rows=self._tensor(rows), block_table=self._tensor(table), mask=mask[:, None, None, :],
+                           lens=self._tensor(lens))

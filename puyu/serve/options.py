@@ -12,7 +12,8 @@ from ..config import ConfigError, EngineConfig
 BACKENDS = ("native", "turbomind")
 # argparse dest -> EngineConfig field
 ENGINE_ARGS = ("quant_policy", "session_len", "cache_max_entry_count", "cache_block_seq_len", "max_batch_size",
-               "max_prefill_token_num", "enable_prefix_caching", "device", "dtype", "tp", "num_threads")
+               "max_prefill_token_num", "enable_prefix_caching", "device", "dtype", "tp", "num_threads",
+               "kernels")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--dtype", default=None, help="auto | float32 | float16 | bfloat16")
     e.add_argument("--tp", type=int, default=None, help="tensor parallel degree (TurboMind)")
     e.add_argument("--num-threads", type=int, default=None, help="torch threads on cpu")
+    e.add_argument("--kernels", choices=["auto", "torch"], default=None,
+                   help="auto: puyu's cpu kernels where they build; torch: torch ops only (the reference)")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

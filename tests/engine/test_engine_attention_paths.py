@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from puyu.engine import cpu_kernels
 from puyu.engine.attention import AttentionBatch, DecodeBatch, PrefillChunk, PrefillGroup, paged_attention
 from puyu.engine.kv_cache import KVCacheStorage, slots_for
 
@@ -43,8 +44,12 @@ def test_read_blocks_equals_slot_reads(quant_policy):
         assert torch.equal(k[b], ks) and torch.equal(v[b], vs)
 
 
-def test_mixed_step_matches_reference():
-    """Two fresh prompts of length 5 (one group), a continued chunk, and two decodes of different lengths."""
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_mixed_step_matches_reference(kernels):
+    """Two fresh prompts of length 5 (one group), a continued chunk, and two decodes of different lengths; the
+    decodes through SDPA over gathered blocks (torch) and through puyu's cpu kernel on the block table (auto)."""
+    if kernels == "auto" and not cpu_kernels.available():
+        pytest.skip("no C compiler / AVX2 for puyu's cpu kernels")
     cache = _cache()
     tables = {"f0": [0, 1], "f1": [2, 3], "c": [4, 5, 6], "d0": [7, 8], "d1": [9, 10, 11]}
     # (name, start, n): rows follow in this order
@@ -63,8 +68,8 @@ def test_mixed_step_matches_reference():
         prefills=[PrefillChunk(rows["c"][0], 6, 3, slots["c"])],
         decode=DecodeBatch(rows=torch.tensor(rows["d0"] + rows["d1"]),
                            block_table=torch.tensor([[7, 8, 0], [9, 10, 11]]),
-                           mask=(torch.arange(3 * BS)[None, :] < lens[:, None])[:, None, None, :]))
-    out = paged_attention(0, q, cache, batch)
+                           mask=(torch.arange(3 * BS)[None, :] < lens[:, None])[:, None, None, :], lens=lens))
+    out = paged_attention(0, q, cache, batch, kernels)
     for name, start, n in items:
         r = torch.tensor(rows[name])
         expect = _reference(q[r], cache, slots[name], start)

@@ -5,6 +5,8 @@ chunked prefill, after a preemption, and on a prefix-cache hit.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -28,11 +30,26 @@ def case(tiny_checkpoint, reference_model):
     return tiny_checkpoint, ref, prompts, [reference_greedy(ref, p) for p in prompts]
 
 
-def test_last_token_logits_match_transformers(case):
+def _rounded_to_bf16(ref):
+    """A copy of the reference whose weights are bf16 numbers (held in float32), as a bf16 checkpoint gives."""
+    ref = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.bfloat16().float())
+    return ref
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto", "auto-bf16-weights"])
+def test_last_token_logits_match_transformers(case, kernels):
+    """One mixed prefill step and one decode step; `auto` runs puyu's cpu kernels (float32 weights), and on bf16
+    weights computed in float32 the kernel that streams them as bf16."""
     path, ref, prompts, _ = case
     spec, weights = load_model_weights(path, torch.float32)
+    if kernels == "auto-bf16-weights":
+        ref = _rounded_to_bf16(ref)
+        weights = {k: v.bfloat16().float() if v.is_floating_point() else v for k, v in weights.items()}
     device = torch.device(DEVICE)
-    model = DecoderModel(spec, {k: v.to(device) for k, v in weights.items()}, device)
+    model = DecoderModel(spec, {k: v.to(device) for k, v in weights.items()}, device, kernels.split("-")[0])
     cache = KVCacheStorage(spec.num_layers, 32, 16, spec.num_kv_heads, spec.head_dim, torch.float32, device)
     bm = BlockManager(32, 16)
     seqs = [Sequence(str(i), p, GenerationConfig(), 4096) for i, p in enumerate(prompts)]

@@ -1,0 +1,77 @@
+"""puyu's own cpu kernels (puyu/engine/cpu_*.c) against torch on the same inputs: the linear for bf16 and float32
+weights (shape tails, bias, bf16 activations) and decode attention over a paged cache (GQA, ragged lengths,
+scattered block tables), float32 and bf16."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from puyu.engine import cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler / AVX2 for puyu's cpu kernels")
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 576, 960), (3, 1536, 577), (8, 13, 5), (33, 64, 132)])
+def test_linear_matches_f_linear(w_dtype, shape):
+    b, k, n = shape
+    gen = torch.Generator().manual_seed(b * k + n)
+    w = torch.randn(n, k, generator=gen).to(w_dtype)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(b, k, generator=gen)
+    want = F.linear(x.double(), w.double(), bias.double())
+    got = cpu_kernels.linear(x, w, bias)
+    assert got.dtype == torch.float32 and got.shape == (b, n)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cpu_kernels.linear(x, w).double(), want - bias.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_bf16_activations_round_like_torch():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 96, generator=gen).bfloat16()
+    x = torch.randn(2, 5, 96, generator=gen).bfloat16()
+    got = cpu_kernels.linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 200)
+    want = F.linear(x.float(), w.float())  # fp32 accumulation, one rounding to bf16 at the end
+    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-2)
+    assert (got.float() - want).abs().max() <= 2 ** -7 * want.abs().max()
+
+
+def test_linear_empty_batch_and_bad_dtype():
+    w = torch.randn(8, 16).bfloat16()
+    assert cpu_kernels.linear(torch.empty(0, 16), w).shape == (0, 8)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        cpu_kernels.linear(torch.randn(2, 16).half(), w)
+
+
+def _reference_attention(q, k_cache, v_cache, table, lens):
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    outs = []
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        slots = [int(table[b, t // bs]) * bs + t % bs for t in range(n)]
+        k = k_cache.flatten(0, 1)[slots].double().transpose(0, 1)  # [Hkv, n, D]
+        v = v_cache.flatten(0, 1)[slots].double().transpose(0, 1)
+        qb = q[b].double().unflatten(0, (hkv, -1))  # [Hkv, G, D]
+        p = torch.softmax(qb @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        outs.append((p @ v).flatten(0, 1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4), (9, 3)])
+def test_decode_attention_matches_reference(dtype, heads):
+    hq, hkv = heads
+    d, bs, num_blocks = 64, 4, 24
+    gen = torch.Generator().manual_seed(hq)
+    k_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype)
+    table = torch.randperm(num_blocks, generator=gen)[:15].view(3, 5)  # scattered blocks, no two rows share one
+    lens = torch.tensor([1, 13, 20])
+    q = torch.randn(3, hq, d, generator=gen).to(dtype)
+    got = cpu_kernels.decode_attention(q, k_cache, v_cache, table, lens)
+    want = _reference_attention(q, k_cache, v_cache, table, lens)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
