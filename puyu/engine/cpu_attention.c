@@ -48,12 +48,12 @@ static inline float att_hsum(__m256 v) {
 /* Returns 0, or -1 when scratch memory cannot be allocated. */
 int puyu_decode_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* block_table,
                           const int64_t* lens, void* out, int bf16, long B, long nb, long block_size, long Hq,
-                          long Hkv, long D, float scale) {
+                          long Hkv, long D, float scale, int threads) {
     const long G = Hq / Hkv, token_stride = Hkv * D;
     long max_len = 0;
     for (long b = 0; b < B; b++) max_len = lens[b] > max_len ? lens[b] : max_len;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         /* per thread: the query rows of one kv head (float32), their scores, their output accumulators */
         float* scratch = (float*)malloc(sizeof(float) * (G * D + G * max_len + G * D));

@@ -1,5 +1,6 @@
 """puyu's own CPU kernels, built on first use with the machine's C compiler, and their Python entry points:
-`linear` (cpu_linear.c: bf16 or float32 weights) and `decode_attention` (cpu_attention.c: paged decode attention).
+`PackedLinear` (cpu_linear.c: bf16 or float32 weights), `PackedInt4Linear` (cpu_linear_int4.c: 4-bit group-quantised
+weights) and `decode_attention` (cpu_attention.c: paged decode attention).
 
 The sources are compiled together with `-march=native -O3 -fopenmp` into `~/.cache/puyu/kernels/` (or `$PUYU_CACHE_DIR/kernels`)
 under a name hashing the source, the compiler and the CPU, so a cached build is only ever reused on the machine
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_linear.c", "cpu_attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_linear.c", "cpu_linear_int4.c", "cpu_attention.c"))
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -79,9 +80,12 @@ def _library() -> Optional[ctypes.CDLL]:
     for fn in (lib.puyu_linear_bf16w, lib.puyu_linear_f32w):
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_long, ctypes.c_long, ctypes.c_long]
+                       ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    lib.puyu_linear_int4.restype = ctypes.c_int
+    lib.puyu_linear_int4.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+                                     + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int])
     lib.puyu_decode_attention.restype = ctypes.c_int
-    lib.puyu_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_long] * 6 + [ctypes.c_float]
+    lib.puyu_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -90,31 +94,93 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(weight: torch.Tensor) -> bool:
-    """Whether `linear` can take this weight: bf16 or float32 `[out, in]` on the cpu, contiguous."""
-    return (weight.device.type == "cpu" and weight.dtype in _DTYPES and weight.dim() == 2
-            and weight.is_contiguous() and available())
+PANEL = 16  # outputs per weight panel (NR in cpu_linear.c)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for a weight `supports` takes and a float32 or bf16 `x [..., in]` (bias, if any,
-    in x's dtype); the result has x's dtype."""
-    lib = _library()
-    assert lib is not None, "cpu_kernels.linear called without the kernel (check supports() first)"
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"cpu_kernels.linear: x must be float32 or bfloat16, got {x.dtype}")
-    fn = lib.puyu_linear_bf16w if weight.dtype == torch.bfloat16 else lib.puyu_linear_f32w
-    n_out, n_in = weight.shape
-    flat = x.reshape(-1, n_in).contiguous()
-    y = torch.empty((flat.shape[0], n_out), dtype=x.dtype)
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"cpu_kernels.linear: bias must have x's dtype {x.dtype}, got {bias.dtype}")
-    if flat.shape[0]:
-        rc = fn(flat.data_ptr(), int(x.dtype == torch.bfloat16), weight.data_ptr(),
-                None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(), flat.shape[0], n_in, n_out)
-        if rc != 0:
-            raise MemoryError("cpu_kernels.linear: out of memory widening x")
-    return y.reshape(*x.shape[:-1], n_out)
+class PackedLinear:
+    """`F.linear(x, weight, bias)` through cpu_linear.c, for a bf16 or float32 `weight [out, in]` on the cpu.
+
+    The weight is repacked once into panels `[ceil(out/16), in, 16]` (zero rows pad the last one), the layout the
+    kernel's micro-kernel streams; x is float32 or bf16 `[..., in]` (bias, if any, in x's dtype) and the result
+    has x's dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("PackedLinear: puyu's cpu kernels are not available (check available() first)")
+        if weight.device.type != "cpu" or weight.dtype not in _DTYPES or weight.dim() != 2:
+            raise TypeError(f"PackedLinear: weight must be a 2-D float32 or bf16 cpu tensor, got {weight.dtype} "
+                            f"{tuple(weight.shape)} on {weight.device}")
+        self.out_features, self.in_features = weight.shape
+        pad = -self.out_features % PANEL
+        padded = torch.cat([weight, weight.new_zeros(pad, self.in_features)]) if pad else weight
+        self.panels = padded.view(-1, PANEL, self.in_features).transpose(1, 2).contiguous()
+        self.bias = None if bias is None else bias.contiguous()
+        self._fn = lib.puyu_linear_bf16w if weight.dtype == torch.bfloat16 else lib.puyu_linear_f32w
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.panels.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"PackedLinear: x must be float32 or bfloat16, got {x.dtype}")
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            raise TypeError(f"PackedLinear: bias must have x's dtype {x.dtype}, got {self.bias.dtype}")
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = torch.empty((flat.shape[0], self.out_features), dtype=x.dtype)
+        if flat.shape[0]:
+            rc = self._fn(flat.data_ptr(), int(x.dtype == torch.bfloat16), self.panels.data_ptr(),
+                          None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), flat.shape[0],
+                          self.in_features, self.out_features, torch.get_num_threads())
+            if rc != 0:
+                raise MemoryError("PackedLinear: out of memory widening x")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class PackedInt4Linear:
+    """`x @ W (+ bias)` through cpu_linear_int4.c for TurboMind-packed 4-bit weights `W [in, out] = (q - z) * s`:
+    `qweight` int32 `[in, out/8]` (low nibble first), `scales`/`zeros` `[in/g, out]`.
+
+    Repacked once into panels of 16 outputs (int32 `[ceil(out/16), in, 2]`) and, per panel and group, its 16
+    scales and 16 zero points in float16 (`[ceil(out/16), in/g, 2, 16]`); x is float32 or bf16 `[..., in]`.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: Optional[torch.Tensor] = None):
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("PackedInt4Linear: puyu's cpu kernels are not available (check available() first)")
+        n_in, words = qweight.shape
+        self.in_features, self.out_features, self.group_size = n_in, words * 8, group_size
+        pad_words = -words % 2
+        q = torch.cat([qweight, qweight.new_zeros(n_in, pad_words)], dim=1) if pad_words else qweight
+        self.q = q.view(n_in, -1, 2).transpose(0, 1).contiguous()  # [panels, in, 2]
+        s, z = scales.to(torch.float16), zeros.to(torch.float16)
+        pad = -self.out_features % PANEL
+        if pad:
+            s, z = (torch.cat([t, t.new_zeros(t.shape[0], pad)], dim=1) for t in (s, z))
+        sz = torch.stack([s, z], dim=1)  # [groups, 2, out]
+        self.sz = sz.view(sz.shape[0], 2, -1, PANEL).permute(2, 0, 1, 3).contiguous()
+        self.bias = None if bias is None else bias.contiguous()
+        self._fn = lib.puyu_linear_int4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"PackedInt4Linear: x must be float32 or bfloat16, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"PackedInt4Linear: input has {x.shape[-1]} features, expected {self.in_features}")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = torch.empty((flat.shape[0], self.out_features), dtype=x.dtype)
+        if flat.shape[0]:
+            rc = self._fn(flat.data_ptr(), int(x.dtype == torch.bfloat16), self.q.data_ptr(), self.sz.data_ptr(),
+                          self.group_size, None if bias is None else bias.data_ptr(), y.data_ptr(),
+                          flat.shape[0], self.in_features, self.out_features, torch.get_num_threads())
+            if rc != 0:
+                raise MemoryError("PackedInt4Linear: out of memory widening x")
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def decode_attention_supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -140,7 +206,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     rc = lib.puyu_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(),
                                    lens.data_ptr(), out.data_ptr(), int(q.dtype == torch.bfloat16), b,
-                                   table.shape[1], block_size, hq, hkv, d, d ** -0.5)
+                                   table.shape[1], block_size, hq, hkv, d, d ** -0.5, torch.get_num_threads())
     if rc != 0:
         raise MemoryError("decode_attention: out of memory for scratch")
     return out

@@ -6,16 +6,24 @@
  * its per-call cost is high for these small shapes. Here each weight is widened to float32 in registers (a bf16 is
  * the top half of a float32) and multiplied with FMA; accumulation is float32, as in torch.
  *
- * Layout: w is bf16 (puyu_linear_bf16w) or float32 (puyu_linear_f32w) [N, K] (one row per output, torch's nn.Linear layout), row-major and contiguous; x and y are
- * [B, K] and [B, N], both float32 or both bf16 (x_bf16), contiguous; bias (optional) has x's dtype.
- * Work split: threads (OpenMP, the same runtime torch uses) take tiles of 4 output rows; inside a tile the 4
- * weight rows stay in L1 while every batch row passes over them, so each weight leaves memory once per call.
- * Built with -march=native by puyu/engine/cpu_linear.py; needs AVX2 and FMA.
+ * Weight layout ("panels", made once at load by cpu_kernels.pack_weight): the [N, K] matrix, N padded with zero
+ * rows to a multiple of 16, stored as [N/16][K][16]: for each k, the 16 weights of a panel's outputs side by
+ * side. x and y are [B, K] and [B, N], both float32 or both bf16 (x_bf16), contiguous; bias (optional) has x's
+ * dtype.
+ * Micro-kernel: up to 6 batch rows x 16 outputs held in 12 ymm accumulators; per k it loads (and widens) the
+ * panel's 16 weights once and broadcasts one x value per row: 12 FMAs per 2 weight loads, no horizontal sums. A
+ * panel (16 * K weights) stays in L1/L2 while every group of 6 rows passes over it, so each weight leaves memory
+ * once per call. Threads (OpenMP, the runtime torch uses) take whole panels; their number is passed in (torch's
+ * setting for the calling thread: an OpenMP default read in a thread other than the main one can be 1).
+ * Built with -march=native by puyu/engine/cpu_kernels.py; needs AVX2 and FMA.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define NR 16 /* outputs per panel */
+#define MR 6  /* batch rows per micro-kernel call */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -37,56 +45,31 @@ static inline __m256 load_bf16x8(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 static inline __m256 load_f32x8(const float* p) { return _mm256_loadu_ps(p); }
-static inline float f32_id(float f) { return f; }
 
-/* TILE_4x2(name, W, LOAD8, LOAD1): out[r * 2 + j] = dot(w row r, x row j) for 4 weight rows of element type W and
- * 2 batch rows (x1 may equal x0); DOT_ROW(name, ...): one row against one x row (the N % 4 tail). */
-#define TILE_4x2(name, W, LOAD8, LOAD1)                                                                        \
-    static void name(const W* w, long K, const float* x0, const float* x1, float out[8]) {                     \
-        const W *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;                                        \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;        \
-        long k = 0;                                                                                            \
-        for (; k + 8 <= K; k += 8) {                                                                           \
-            __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x1 + k);                                 \
-            __m256 v0 = LOAD8(w0 + k), v1 = LOAD8(w1 + k), v2 = LOAD8(w2 + k), v3 = LOAD8(w3 + k);             \
-            a0 = _mm256_fmadd_ps(v0, xa, a0); a1 = _mm256_fmadd_ps(v1, xa, a1);                               \
-            a2 = _mm256_fmadd_ps(v2, xa, a2); a3 = _mm256_fmadd_ps(v3, xa, a3);                                \
-            b0 = _mm256_fmadd_ps(v0, xb, b0); b1 = _mm256_fmadd_ps(v1, xb, b1);                                \
-            b2 = _mm256_fmadd_ps(v2, xb, b2); b3 = _mm256_fmadd_ps(v3, xb, b3);                                \
-        }                                                                                                      \
-        float s[8] = {hsum(a0), hsum(b0), hsum(a1), hsum(b1), hsum(a2), hsum(b2), hsum(a3), hsum(b3)};         \
-        for (; k < K; k++) {                                                                                   \
-            for (int r = 0; r < 4; r++) {                                                                      \
-                float wv = LOAD1(w[r * K + k]);                                                                \
-                s[r * 2] += wv * x0[k];                                                                        \
-                s[r * 2 + 1] += wv * x1[k];                                                                    \
+/* MICRO(name, W, LOAD8): acc[i][0..16) = sum_k x[i][k] * panel[k][0..16) for i < mr (mr <= MR, a constant after
+ * inlining), written to out[i * NR + j]. */
+#define MICRO(name, W, LOAD8)                                                                                  \
+    static inline __attribute__((always_inline)) void name(const W* panel, const float* x, long K, int mr,    \
+                                                           float* out) {                                       \
+        __m256 acc[MR][2];                                                                                     \
+        for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();                              \
+        for (long k = 0; k < K; k++) {                                                                         \
+            __m256 w0 = LOAD8(panel + k * NR), w1 = LOAD8(panel + k * NR + 8);                                 \
+            for (int i = 0; i < mr; i++) {                                                                     \
+                __m256 xv = _mm256_broadcast_ss(x + i * K + k);                                                \
+                acc[i][0] = _mm256_fmadd_ps(w0, xv, acc[i][0]);                                                \
+                acc[i][1] = _mm256_fmadd_ps(w1, xv, acc[i][1]);                                                \
             }                                                                                                  \
         }                                                                                                      \
-        memcpy(out, s, sizeof s);                                                                              \
+        for (int i = 0; i < mr; i++) {                                                                         \
+            _mm256_storeu_ps(out + i * NR, acc[i][0]);                                                         \
+            _mm256_storeu_ps(out + i * NR + 8, acc[i][1]);                                                     \
+        }                                                                                                      \
     }
 
-#define DOT_ROW(name, W, LOAD8, LOAD1)                                                                         \
-    static float name(const W* w, const float* x, long K) {                                                    \
-        __m256 a = _mm256_setzero_ps();                                                                        \
-        long k = 0;                                                                                            \
-        for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(LOAD8(w + k), _mm256_loadu_ps(x + k), a);             \
-        float s = hsum(a);                                                                                     \
-        for (; k < K; k++) s += LOAD1(w[k]) * x[k];                                                            \
-        return s;                                                                                              \
-    }
-
-TILE_4x2(tile_bf16w, uint16_t, load_bf16x8, bf16_to_f32)
-TILE_4x2(tile_f32w, float, load_f32x8, f32_id)
-DOT_ROW(dot_bf16w, uint16_t, load_bf16x8, bf16_to_f32)
-DOT_ROW(dot_f32w, float, load_f32x8, f32_id)
+MICRO(micro_bf16w, uint16_t, load_bf16x8)
+MICRO(micro_f32w, float, load_f32x8)
 
 static inline void store(void* y, int y_bf16, long i, float v) {
     if (y_bf16) ((uint16_t*)y)[i] = f32_to_bf16(v);
@@ -97,43 +80,51 @@ static inline float load(const void* p, int is_bf16, long i) {
     return is_bf16 ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
 }
 
-/* LINEAR(name, W, TILE, DOT): the entry point for weights of element type W. Returns 0, or -1 when the float32
- * copy of a bf16 x cannot be allocated. */
-#define LINEAR(name, W, TILE, DOT)                                                                             \
-    int name(const void* x, int x_bf16, const W* w, const void* bias, void* y, long B, long K, long N) {       \
+/* Rows [b, b + mr) of y for outputs [n, n + NR) (clipped at N), from the micro-kernel's out. */
+static void write_rows(void* y, int y_bf16, const void* bias, const float* out, long b, int mr, long n, long N) {
+    long cols = N - n < NR ? N - n : NR;
+    for (int i = 0; i < mr; i++)
+        for (long j = 0; j < cols; j++)
+            store(y, y_bf16, (b + i) * N + n + j, out[i * NR + j] + (bias ? load(bias, y_bf16, n + j) : 0.0f));
+}
+
+/* LINEAR(name, W, MICRO): the entry point for panels of element type W. Returns 0, or -1 when the float32 copy
+ * of a bf16 x cannot be allocated. The switch gives the micro-kernel a constant row count (registers, not a
+ * stack array). */
+#define LINEAR(name, W, MICRO)                                                                                 \
+    int name(const void* x, int x_bf16, const W* panels, const void* bias, void* y, long B, long K, long N,    \
+             int threads) {                                                                                    \
         const float* xf = (const float*)x;                                                                     \
         float* widened = NULL;                                                                                 \
-        if (x_bf16) { /* widen x once: every tile reads it */                                                  \
+        if (x_bf16) { /* widen x once: every panel reads it */                                                 \
             widened = (float*)malloc(sizeof(float) * B * K);                                                   \
             if (!widened) return -1;                                                                           \
             const uint16_t* xh = (const uint16_t*)x;                                                           \
             for (long i = 0; i < B * K; i++) widened[i] = bf16_to_f32(xh[i]);                                  \
             xf = widened;                                                                                      \
         }                                                                                                      \
-        long tiles = N / 4;                                                                                    \
-        _Pragma("omp parallel for schedule(static)")                                                           \
-        for (long t = 0; t < tiles; t++) {                                                                     \
-            long n = t * 4;                                                                                    \
-            for (long b = 0; b < B; b += 2) {                                                                  \
-                long b1 = b + 1 < B ? b + 1 : b;                                                               \
-                float out[8];                                                                                  \
-                TILE(w + n * K, K, xf + b * K, xf + b1 * K, out);                                              \
-                for (int r = 0; r < 4; r++) {                                                                  \
-                    float add = bias ? load(bias, x_bf16, n + r) : 0.0f;                                       \
-                    store(y, x_bf16, b * N + n + r, out[r * 2] + add);                                         \
-                    if (b1 != b) store(y, x_bf16, b1 * N + n + r, out[r * 2 + 1] + add);                       \
+        long num_panels = (N + NR - 1) / NR;                                                                   \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                      \
+        for (long p = 0; p < num_panels; p++) {                                                                \
+            const W* panel = panels + p * K * NR;                                                              \
+            float out[MR * NR];                                                                                \
+            for (long b = 0; b < B; b += MR) {                                                                 \
+                int mr = B - b < MR ? (int)(B - b) : MR;                                                       \
+                const float* xb = xf + b * K;                                                                  \
+                switch (mr) {                                                                                  \
+                    case 1: MICRO(panel, xb, K, 1, out); break;                                                \
+                    case 2: MICRO(panel, xb, K, 2, out); break;                                                \
+                    case 3: MICRO(panel, xb, K, 3, out); break;                                                \
+                    case 4: MICRO(panel, xb, K, 4, out); break;                                                \
+                    case 5: MICRO(panel, xb, K, 5, out); break;                                                \
+                    default: MICRO(panel, xb, K, 6, out); break;                                               \
                 }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (long n = tiles * 4; n < N; n++) { /* the last N % 4 rows */                                       \
-            for (long b = 0; b < B; b++) {                                                                     \
-                float add = bias ? load(bias, x_bf16, n) : 0.0f;                                               \
-                store(y, x_bf16, b * N + n, DOT(w + n * K, xf + b * K, K) + add);                              \
+                write_rows(y, x_bf16, bias, out, b, mr, p * NR, N);                                            \
             }                                                                                                  \
         }                                                                                                      \
         free(widened);                                                                                         \
         return 0;                                                                                              \
     }
 
-LINEAR(puyu_linear_bf16w, uint16_t, tile_bf16w, dot_bf16w)
-LINEAR(puyu_linear_f32w, float, tile_f32w, dot_f32w)
+LINEAR(puyu_linear_bf16w, uint16_t, micro_bf16w)
+LINEAR(puyu_linear_f32w, float, micro_f32w)

@@ -26,13 +26,20 @@ def resolve_device(config: EngineConfig) -> torch.device:
 
 
 def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device, packed: bool = False) -> torch.dtype:
-    """'auto': float32 on cpu (fp16 matmuls are slow there) unless the weights are packed 4-bit (torch's fused int4
-    kernel on cpu takes bf16 activations only), the checkpoint's dtype on cuda."""
+    """'auto': float32 on cpu (fp16 matmuls are slow there; puyu's cpu kernels stream bf16 and 4-bit weights with
+    float32 activations), bf16 for packed 4-bit weights without those kernels (torch's fused int4 kernel on cpu
+    takes bf16 activations only), the checkpoint's dtype on cuda."""
     if config.dtype != "auto":
         return _DTYPES[config.dtype]
     if device.type == "cpu":
-        return torch.bfloat16 if packed else torch.float32
+        return torch.bfloat16 if packed and not _native_cpu_kernels(config) else torch.float32
     return _DTYPES.get(spec.torch_dtype, torch.float16)
+
+
+def _native_cpu_kernels(config: EngineConfig) -> bool:
+    from . import cpu_kernels
+
+    return config.kernels == "auto" and cpu_kernels.available()
 
 
 def available_bytes(device: torch.device) -> int:

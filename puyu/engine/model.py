@@ -26,11 +26,16 @@ def make_linear(weights: dict[str, torch.Tensor], name: str, kernels: str = "tor
     if f"{name}.weight" in weights:
         return dense_linear(weights[f"{name}.weight"], bias, kernels)
     if f"{name}.qweight" in weights:
+        qweight, scales, zeros = (weights[f"{name}.{part}"] for part in ("qweight", "scales", "zeros"))
+        group_size = qweight.shape[0] // scales.shape[0]
+        if kernels == "auto" and qweight.device.type == "cpu" and qweight.shape[0] % group_size == 0:
+            from . import cpu_kernels
+
+            if cpu_kernels.available():
+                return cpu_kernels.PackedInt4Linear(qweight, scales, zeros, group_size, bias)
         from .int4 import Int4Linear  # only int4 checkpoints need it
 
-        scales = weights[f"{name}.scales"]
-        group_size = weights[f"{name}.qweight"].shape[0] // scales.shape[0]
-        return Int4Linear(weights[f"{name}.qweight"], scales, weights[f"{name}.zeros"], group_size, bias=bias)
+        return Int4Linear(qweight, scales, zeros, group_size, bias=bias)
     raise CheckpointError(f"weights: tensor {name}.weight (or {name}.qweight) is missing")
 
 
@@ -47,8 +52,7 @@ def dense_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], kernels: st
         from . import cpu_kernels
 
         if cpu_kernels.available():
-            w = _narrowed(w)
-            return lambda x: cpu_kernels.linear(x, w, bias)
+            return cpu_kernels.PackedLinear(_narrowed(w), bias)
     return lambda x: F.linear(x, w, bias)
 
 

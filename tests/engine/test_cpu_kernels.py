@@ -1,5 +1,5 @@
 """puyu's own cpu kernels (puyu/engine/cpu_*.c) against torch on the same inputs: the linear for bf16 and float32
-weights (shape tails, bias, bf16 activations) and decode attention over a paged cache (GQA, ragged lengths,
+weights (panel and row-block tails, bias, bf16 activations) and decode attention over a paged cache (GQA, ragged lengths,
 scattered block tables), float32 and bf16."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compil
 
 
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 576, 960), (3, 1536, 577), (8, 13, 5), (33, 64, 132)])
+@pytest.mark.parametrize("shape", [(1, 576, 960), (3, 1536, 577), (8, 13, 5), (33, 64, 132), (7, 40, 16)])
 def test_linear_matches_f_linear(w_dtype, shape):
     b, k, n = shape
     gen = torch.Generator().manual_seed(b * k + n)
@@ -21,17 +21,17 @@ def test_linear_matches_f_linear(w_dtype, shape):
     bias = torch.randn(n, generator=gen)
     x = torch.randn(b, k, generator=gen)
     want = F.linear(x.double(), w.double(), bias.double())
-    got = cpu_kernels.linear(x, w, bias)
+    got = cpu_kernels.PackedLinear(w, bias)(x)
     assert got.dtype == torch.float32 and got.shape == (b, n)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cpu_kernels.linear(x, w).double(), want - bias.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cpu_kernels.PackedLinear(w)(x).double(), want - bias.double(), rtol=1e-5, atol=1e-4)
 
 
 def test_linear_bf16_activations_round_like_torch():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(200, 96, generator=gen).bfloat16()
     x = torch.randn(2, 5, 96, generator=gen).bfloat16()
-    got = cpu_kernels.linear(x, w)
+    got = cpu_kernels.PackedLinear(w)(x)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 200)
     want = F.linear(x.float(), w.float())  # fp32 accumulation, one rounding to bf16 at the end
     torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-2)
@@ -40,9 +40,9 @@ def test_linear_bf16_activations_round_like_torch():
 
 def test_linear_empty_batch_and_bad_dtype():
     w = torch.randn(8, 16).bfloat16()
-    assert cpu_kernels.linear(torch.empty(0, 16), w).shape == (0, 8)
+    assert cpu_kernels.PackedLinear(w)(torch.empty(0, 16)).shape == (0, 8)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
-        cpu_kernels.linear(torch.randn(2, 16).half(), w)
+        cpu_kernels.PackedLinear(w)(torch.randn(2, 16).half())
 
 
 def _reference_attention(q, k_cache, v_cache, table, lens):
@@ -75,3 +75,26 @@ def test_decode_attention_matches_reference(dtype, heads):
     assert got.dtype == dtype and got.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 48), (5, 128, 40), (9, 192, 16)])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_linear_matches_dequantised(shape, group_size):
+    from puyu.convert.awq import pack_int4
+    from puyu.engine.int4 import Int4Linear
+
+    b, k, n = shape
+    if k % group_size:
+        pytest.skip("group size must divide the input features")
+    gen = torch.Generator().manual_seed(k + n + group_size)
+    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(k // group_size, n, generator=gen) * 0.1 + 0.01).half()
+    zeros = torch.randint(0, 16, (k // group_size, n), generator=gen).half()
+    bias = torch.randn(n, generator=gen)
+    qweight = pack_int4(q)
+    x = torch.randn(b, k, generator=gen)
+    dense = Int4Linear(qweight, scales, zeros, group_size, fused=False).dequantize(torch.float64)
+    want = x.double() @ dense + bias.double()
+    got = cpu_kernels.PackedInt4Linear(qweight, scales, zeros, group_size, bias)(x)
+    assert got.dtype == torch.float32 and got.shape == (b, n)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
