@@ -89,9 +89,13 @@ def _decode_native(layer: int, q: torch.Tensor, out: torch.Tensor, cache: KVCach
 
     if cache.quant_policy or not cpu_kernels.decode_attention_supports(q, cache.k_data):
         return False
-    o = cpu_kernels.decode_attention(q.index_select(0, d.rows), cache.k_data[layer], cache.v_data[layer],
-                                     d.block_table, d.lens)
-    out.index_copy_(0, d.rows, o)
+    every_row = d.rows.numel() == q.shape[0]  # a pure decode step: rows are 0..T-1 in order (model_runner)
+    o = cpu_kernels.decode_attention(q if every_row else q.index_select(0, d.rows), cache.k_data[layer],
+                                     cache.v_data[layer], d.block_table, d.lens)
+    if every_row:
+        out.copy_(o)
+    else:
+        out.index_copy_(0, d.rows, o)
     return True
 
 

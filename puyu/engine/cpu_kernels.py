@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_linear.c", "cpu_linear_int4.c", "cpu_attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_linear.c", "cpu_linear_int4.c", "cpu_attention.c",
+                                                                 "cpu_pointwise.c"))
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -44,7 +45,8 @@ def _cache_dir() -> Path:
 
 
 def _compile(cc: str, out: Path) -> bool:
-    base = [cc, "-O3", "-march=native", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(out), "-lm"]
+    # -ffp-contract=off: a * b - c * d stays two roundings, as in torch's elementwise ops
+    base = [cc, "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(out), "-lm"]
     for extra in (["-fopenmp"], []):  # without OpenMP the kernel still works, on one thread
         try:
             done = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
@@ -84,6 +86,10 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.puyu_linear_int4.restype = ctypes.c_int
     lib.puyu_linear_int4.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
                                      + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int])
+    lib.puyu_add_rmsnorm.restype = None
+    lib.puyu_add_rmsnorm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
+    lib.puyu_rope_write.restype = None
+    lib.puyu_rope_write.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 4 + [ctypes.c_int]
     lib.puyu_decode_attention.restype = ctypes.c_int
     lib.puyu_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
     return lib
@@ -210,3 +216,33 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if rc != 0:
         raise MemoryError("decode_attention: out of memory for scratch")
     return out
+
+
+def add_rmsnorm(h: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`h += delta` in place (when given), then RMSNorm of h times `weight`, as model.rms_norm computes it;
+    h, delta `[T, H]` contiguous, all float32 or all bf16 (see `pointwise_supports`)."""
+    lib = _library()
+    assert lib is not None, "cpu_kernels.add_rmsnorm called without the kernels"
+    out = torch.empty_like(h)
+    lib.puyu_add_rmsnorm(h.data_ptr(), None if delta is None else delta.contiguous().data_ptr(), weight.data_ptr(),
+                         out.data_ptr(), h.shape[0], h.shape[1], eps, int(h.dtype == torch.bfloat16))
+    return out
+
+
+def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Rotary on the q and k heads of `qkv [T, (Hq + 2 Hkv) * D]` (float32 `cos`/`sin [T, D/2]`), k and v
+    written to `slots` of one layer's unquantised cache `[num_blocks, block_size, Hkv, D]`; returns q `[T, Hq, D]`."""
+    lib = _library()
+    assert lib is not None, "cpu_kernels.rope_write called without the kernels"
+    t = qkv.shape[0]
+    q = torch.empty((t, num_heads, head_dim), dtype=qkv.dtype)
+    lib.puyu_rope_write(qkv.contiguous().data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+                        slots.contiguous().data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), t,
+                        num_heads, num_kv_heads, head_dim, int(qkv.dtype == torch.bfloat16))
+    return q
+
+
+def pointwise_supports(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether add_rmsnorm / rope_write take tensors of this dtype on this device."""
+    return device.type == "cpu" and dtype in _DTYPES and available()

@@ -124,9 +124,28 @@ class DecoderModel:
                 cache: KVCacheStorage, logit_rows: torch.Tensor,
                 seq_lens: Optional[list[tuple[int, int]]] = None) -> torch.Tensor:
         """float32 logits `[len(logit_rows), vocab]` for a flattened step of `T` tokens."""
-        s = self.spec
         h = F.embedding(input_ids, self.embed)
-        cos, sin = (t[:, None, :].to(self.dtype) for t in self.rotary.cos_sin(positions, seq_lens))
+        cos, sin = self.rotary.cos_sin(positions, seq_lens)
+        if self._fused_steps(cache):
+            h = self._layers_fused(h, cos, sin, batch, cache)
+        else:
+            h = self._layers_reference(h, cos, sin, batch, cache)
+        last = rms_norm(h.index_select(0, logit_rows), self.norm, self.spec.norm_eps)
+        return self.lm_head(last).float()
+
+    def _fused_steps(self, cache: KVCacheStorage) -> bool:
+        """puyu's fused cpu steps (add + RMSNorm, rotary + cache write) apply: kernels on, cpu, float32/bf16,
+        unquantised cache (a quantised one is written by KVCacheStorage.write, the one owner of its formulas)."""
+        if self.kernels != "auto" or cache.quant_policy:
+            return False
+        from . import cpu_kernels
+
+        return cpu_kernels.pointwise_supports(self.dtype, self.device)
+
+    def _layers_reference(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
+                          cache: KVCacheStorage) -> torch.Tensor:
+        s = self.spec
+        cos, sin = (t[:, None, :].to(self.dtype) for t in (cos, sin))
         nq, nkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.attn_norm, s.norm_eps)
@@ -140,5 +159,26 @@ class DecoderModel:
             x = rms_norm(h, lw.ffn_norm, s.norm_eps)
             gate, up = lw.gate_up(x).chunk(2, dim=-1)
             h = h + lw.w2(F.silu(gate) * up)
-        last = rms_norm(h.index_select(0, logit_rows), self.norm, s.norm_eps)
-        return self.lm_head(last).float()
+        return h
+
+    def _layers_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
+                      cache: KVCacheStorage) -> torch.Tensor:
+        """The reference's arithmetic in fewer calls: each residual add is fused into the RMSNorm that follows it
+        (h is updated in place: it is this forward's own tensor), rotary into the cache write."""
+        from .cpu_kernels import add_rmsnorm, rope_write
+
+        s = self.spec
+        x = add_rmsnorm(h, None, self.layers[0].attn_norm, s.norm_eps)
+        for i, lw in enumerate(self.layers):
+            qkv = lw.qkv(x)
+            q = rope_write(qkv, cos, sin, batch.write_slots, cache.k_data[i], cache.v_data[i], s.num_heads,
+                           s.num_kv_heads, s.head_dim)
+            attn = paged_attention(i, q, cache, batch, self.kernels)
+            x = add_rmsnorm(h, lw.wo(attn.flatten(1)), lw.ffn_norm, s.norm_eps)
+            gate, up = lw.gate_up(x).chunk(2, dim=-1)
+            ffn = lw.w2(F.silu(gate) * up)
+            if i + 1 < len(self.layers):
+                x = add_rmsnorm(h, ffn, self.layers[i + 1].attn_norm, s.norm_eps)
+            else:
+                h.add_(ffn)
+        return h

@@ -98,3 +98,41 @@ def test_int4_linear_matches_dequantised(shape, group_size):
     got = cpu_kernels.PackedInt4Linear(qweight, scales, zeros, group_size, bias)(x)
     assert got.dtype == torch.float32 and got.shape == (b, n)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rmsnorm_matches_reference(dtype, with_delta):
+    from puyu.engine.model import rms_norm
+
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(7, 96, generator=gen).to(dtype)
+    delta = torch.randn(7, 96, generator=gen).to(dtype) if with_delta else None
+    weight = (torch.rand(96, generator=gen) + 0.5).to(dtype)
+    want_h = h + delta if with_delta else h.clone()
+    want = rms_norm(want_h, weight, 1e-5)
+    got = cpu_kernels.add_rmsnorm(h, delta, weight, 1e-5)
+    assert torch.equal(h, want_h)  # the residual add happened in place, rounded like torch's
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_matches_rotary_and_cache_write(dtype):
+    from puyu.engine.kv_cache import KVCacheStorage
+    from puyu.engine.rotary import apply_rotary
+
+    hq, hkv, d, t = 6, 2, 16, 5
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    angles = torch.rand(t, d // 2, generator=gen) * 6
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([9, 2, 30, 17, 4])
+    ref, got = (KVCacheStorage(1, 8, 4, hkv, d, dtype, "cpu") for _ in range(2))
+    qk = apply_rotary(qkv[:, :(hq + hkv) * d].unflatten(-1, (-1, d)), cos, sin)
+    ref.write(0, qk[:, hq:], qkv[:, (hq + hkv) * d:].unflatten(-1, (hkv, d)), slots)
+    q = cpu_kernels.rope_write(qkv, cos, sin, slots, got.k_data[0], got.v_data[0], hq, hkv, d)
+    tol = 1e-6 if dtype == torch.float32 else 0.0
+    torch.testing.assert_close(q, qk[:, :hq], rtol=tol, atol=tol)
+    torch.testing.assert_close(got.k_data, ref.k_data, rtol=tol, atol=tol)
+    assert torch.equal(got.v_data, ref.v_data)
