@@ -8,13 +8,15 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("convert", help="write a TurboMind workspace (LMDeploy 0.7.3 layout) from an HF "
-                              "checkpoint", description="Convert an HF checkpoint (float or AutoAWQ int4) into a "
+                              "checkpoint or a GGUF file", description="Convert an HF checkpoint (float or AutoAWQ "
+                              "int4) or a GGUF file (Q4_0/Q4_1: int4, group 32; other types: fp16/bf16) into a "
                               "TurboMind workspace that LMDeploy <= 0.7.3 and puyu can serve.")
-    p.add_argument("model_path", metavar="MODEL_PATH", help="HF checkpoint directory (or puyu-tiny)")
+    p.add_argument("model_path", metavar="MODEL_PATH", help="HF checkpoint directory, GGUF file (or puyu-tiny)")
     p.add_argument("--dst-path", default="./workspace", help="workspace directory to create (default ./workspace)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: 1, 2, 4 or 8")
     p.add_argument("--model-format", default=None, choices=["hf", "awq"],
-                   help="hf (float weights) or awq (AutoAWQ gemm int4); default: from the checkpoint")
+                   help="hf (float weights) or awq (int4: AutoAWQ gemm, or a GGUF file's Q4_0/Q4_1); "
+                   "default: from the checkpoint")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16"],
                    help="weight dtype of a float model (auto: the checkpoint's)")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size (must match the checkpoint)")
@@ -49,11 +51,10 @@ def _model_dir(model: str) -> Path:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .spec import read_model_spec
     from .writer import ConvertOptions, convert_checkpoint
 
     src = _model_dir(args.model_path)
-    fmt = args.model_format or (read_model_spec(src).quant_method or "hf")
+    fmt = args.model_format or _default_format(src)
     options = ConvertOptions(tp=args.tp, model_format=fmt, dtype=args.dtype, group_size=args.group_size,
                              force=args.force, model_name=args.model_name,
                              progress=not args.no_progress and sys.stderr.isatty())
@@ -61,6 +62,15 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote {r.path} ({r.spec.model_arch}, {r.weight_type}, tp={r.tp}): {r.num_files} tensor files, "
           f"{r.weight_bytes / 2**20:.1f} MiB in {r.seconds:.1f} s")
     return 0
+
+
+def _default_format(src: Path) -> str:
+    """awq for AutoAWQ checkpoints and GGUF files with Q4_0/Q4_1 linears, else hf."""
+    from .gguf import is_gguf_dir
+    from .gguf_convert import gguf_default_format
+    from .spec import read_model_spec
+
+    return gguf_default_format(src) if is_gguf_dir(src) else (read_model_spec(src).quant_method or "hf")
 
 
 def _quantize(args: argparse.Namespace) -> int:

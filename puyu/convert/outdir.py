@@ -36,8 +36,8 @@ def atomic_directory(dst: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def copy_side_files(src: Path, dst_root: Path) -> None:
-    """Tokenizer and config files (not the weight index: the output has its own weights)."""
+def copy_side_files(src: Path, dst_root: Path, skip: tuple[str, ...] = ()) -> None:
+    """Tokenizer and config files (not the weight index: the output has its own weights; nor the names in `skip`)."""
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.suffix in COPY_SUFFIXES and not f.name.endswith(".index.json"):
+        if f.is_file() and f.suffix in COPY_SUFFIXES and not f.name.endswith(".index.json") and f.name not in skip:
             shutil.copy2(f, dst_root / f.name)

@@ -1,4 +1,5 @@
-"""Write a TurboMind workspace on disk from an HF checkpoint (float or AutoAWQ gemm int4).
+"""Write a TurboMind workspace on disk from an HF checkpoint (float or AutoAWQ gemm int4) or a GGUF file's sidecar
+directory (see `gguf_convert`).
 
 Everything is written into a temporary directory next to the destination and renamed into place at the end, so a
 failure (bad input, a full disk, Ctrl-C) never leaves a half-written workspace behind.
@@ -8,10 +9,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
+from .gguf import SOURCE_FILE, is_gguf_dir
+from .gguf_convert import gguf_weight_format, iter_gguf_tensors
 from .layout import tp1_tensors
 from .outdir import atomic_directory, check_destination, copy_side_files
 from .readers import CheckpointFiles, iter_turbomind_tensors
@@ -60,19 +63,26 @@ def convert_checkpoint(src: Path | str, dst: Path | str, options: ConvertOptions
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")
     spec = read_model_spec(src)
-    group_size = _group_size(src, spec, options)
-    weight_type = "int4" if group_size else _float_type(spec, options.dtype)
+    gguf = is_gguf_dir(src)
+    group_size, weight_type = gguf_weight_format(src, options) if gguf else _weight_format(src, spec, options)
     plan = TPPlan.for_spec(spec, options.tp, group_size)
     check_destination(dst, options.force)
-    files = CheckpointFiles(src)  # a missing shard fails here, before anything is written
+    # a missing shard fails here, before anything is written
+    tensors = iter_gguf_tensors(src, bool(group_size)) if gguf else iter_turbomind_tensors(CheckpointFiles(src), spec)
     with atomic_directory(dst) as tmp:
-        num_files, nbytes = _write_weights(files, spec, plan, weight_type, tmp / WEIGHTS_DIR, options.progress)
+        num_files, nbytes = _write_weights(tensors, src, spec, plan, weight_type, tmp / WEIGHTS_DIR, options.progress)
         config = build_config(spec, tp=plan.tp, weight_type=weight_type, model_format=options.model_format,
                               group_size=group_size, vocab_pad=plan.vocab_pad, inter_pad=plan.inter_pad,
                               kv_heads_stored=plan.kv_heads_stored, model_name=options.model_name)
         dump_config(config, tmp / WEIGHTS_DIR / "config.yaml")
-        copy_side_files(src, tmp)
+        copy_side_files(src, tmp, skip=(SOURCE_FILE,))  # the workspace holds the weights: no pointer to the file
     return ConvertResult(dst, spec, weight_type, plan.tp, time.perf_counter() - start, num_files, nbytes)
+
+
+def _weight_format(src: Path, spec: ModelSpec, options: ConvertOptions) -> tuple[int, str]:
+    """(group size, weight type) of an HF checkpoint's workspace."""
+    group_size = _group_size(src, spec, options)
+    return group_size, "int4" if group_size else _float_type(spec, options.dtype)
 
 
 def _group_size(src: Path, spec: ModelSpec, options: ConvertOptions) -> int:
@@ -101,9 +111,9 @@ def _float_type(spec: ModelSpec, dtype: str) -> str:
     return spec.torch_dtype if spec.torch_dtype in ("float16", "bfloat16") else "float16"
 
 
-def _write_weights(files: CheckpointFiles, spec: ModelSpec, plan: TPPlan, weight_type: str, out_dir: Path,
-                   progress: bool) -> tuple[int, int]:
-    """Stream the tp=1 tensors through the split and dump each rank's part; returns (files, bytes)."""
+def _write_weights(tensors: Iterable[tuple[str, torch.Tensor]], src: Path, spec: ModelSpec, plan: TPPlan,
+                   weight_type: str, out_dir: Path, progress: bool) -> tuple[int, int]:
+    """Stream the tp=1 tensors of `src` through the split and dump each rank's part; returns (files, bytes)."""
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True)
@@ -113,9 +123,9 @@ def _write_weights(files: CheckpointFiles, spec: ModelSpec, plan: TPPlan, weight
     bar = tqdm(total=len(expected), desc=f"convert tp={plan.tp} {weight_type}", unit="tensor",
                disable=not progress, leave=False)
     with bar:
-        for name, t in iter_turbomind_tensors(files, spec):
+        for name, t in tensors:
             if name not in expected or tuple(t.shape) != expected[name].shape:
-                raise CheckpointError(f"{files.model_dir}: tensor {name} has shape {tuple(t.shape)}, expected "
+                raise CheckpointError(f"{src}: tensor {name} has shape {tuple(t.shape)}, expected "
                                       f"{expected[name].shape if name in expected else 'no such tensor'}")
             if t.is_floating_point():
                 t = t.to(float_dtype)
