@@ -68,6 +68,30 @@ static inline __m256 load_f32x8(const float* p) { return _mm256_loadu_ps(p); }
         }                                                                                                      \
     }
 
+/* MICRO1(name, W, LOAD8): the one-row case (batch-1 decode), bound by memory: two k per iteration into separate
+ * accumulators, so the FMA latency chain never throttles the weight stream. */
+#define MICRO1(name, W, LOAD8)                                                                                 \
+    static inline __attribute__((always_inline)) void name(const W* panel, const float* x, long K, float* out) { \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;                                            \
+        long k = 0;                                                                                            \
+        for (; k + 2 <= K; k += 2) {                                                                           \
+            __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);                      \
+            a0 = _mm256_fmadd_ps(LOAD8(panel + k * NR), x0, a0);                                               \
+            a1 = _mm256_fmadd_ps(LOAD8(panel + k * NR + 8), x0, a1);                                           \
+            b0 = _mm256_fmadd_ps(LOAD8(panel + (k + 1) * NR), x1, b0);                                         \
+            b1 = _mm256_fmadd_ps(LOAD8(panel + (k + 1) * NR + 8), x1, b1);                                     \
+        }                                                                                                      \
+        if (k < K) {                                                                                           \
+            __m256 x0 = _mm256_broadcast_ss(x + k);                                                            \
+            a0 = _mm256_fmadd_ps(LOAD8(panel + k * NR), x0, a0);                                               \
+            a1 = _mm256_fmadd_ps(LOAD8(panel + k * NR + 8), x0, a1);                                           \
+        }                                                                                                      \
+        _mm256_storeu_ps(out, _mm256_add_ps(a0, b0));                                                          \
+        _mm256_storeu_ps(out + 8, _mm256_add_ps(a1, b1));                                                      \
+    }
+
+MICRO1(micro1_bf16w, uint16_t, load_bf16x8)
+MICRO1(micro1_f32w, float, load_f32x8)
 MICRO(micro_bf16w, uint16_t, load_bf16x8)
 MICRO(micro_f32w, float, load_f32x8)
 
@@ -91,7 +115,7 @@ static void write_rows(void* y, int y_bf16, const void* bias, const float* out, 
 /* LINEAR(name, W, MICRO): the entry point for panels of element type W. Returns 0, or -1 when the float32 copy
  * of a bf16 x cannot be allocated. The switch gives the micro-kernel a constant row count (registers, not a
  * stack array). */
-#define LINEAR(name, W, MICRO)                                                                                 \
+#define LINEAR(name, W, MICRO, MICRO1)                                                                               \
     int name(const void* x, int x_bf16, const W* panels, const void* bias, void* y, long B, long K, long N,    \
              int threads) {                                                                                    \
         const float* xf = (const float*)x;                                                                     \
@@ -112,7 +136,7 @@ static void write_rows(void* y, int y_bf16, const void* bias, const float* out, 
                 int mr = B - b < MR ? (int)(B - b) : MR;                                                       \
                 const float* xb = xf + b * K;                                                                  \
                 switch (mr) {                                                                                  \
-                    case 1: MICRO(panel, xb, K, 1, out); break;                                                \
+                    case 1: MICRO1(panel, xb, K, out); break;                                                  \
                     case 2: MICRO(panel, xb, K, 2, out); break;                                                \
                     case 3: MICRO(panel, xb, K, 3, out); break;                                                \
                     case 4: MICRO(panel, xb, K, 4, out); break;                                                \
@@ -126,5 +150,5 @@ static void write_rows(void* y, int y_bf16, const void* bias, const float* out, 
         return 0;                                                                                              \
     }
 
-LINEAR(puyu_linear_bf16w, uint16_t, micro_bf16w)
-LINEAR(puyu_linear_f32w, float, micro_f32w)
+LINEAR(puyu_linear_bf16w, uint16_t, micro_bf16w, micro1_bf16w)
+LINEAR(puyu_linear_f32w, float, micro_f32w, micro1_f32w)
