@@ -55,6 +55,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=ROOT / ".bench" / "llamacpp")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_vs_llamacpp.json")
     p.add_argument("--build-only", action="store_true", help="build llama-server and the model files, then stop")
+    p.add_argument("--skip-llamacpp", action="store_true", help="measure the puyu servers only")
+    p.add_argument("--puyu-src", type=Path, default=None,
+                   help="run puyu from this source tree (e.g. a git worktree of an older commit: a before/after)")
+    p.add_argument("--label", default="puyu", help="name of the puyu rows (e.g. 'puyu before')")
     return p.parse_args()
 
 
@@ -123,15 +127,18 @@ def servers(args: argparse.Namespace, exe: Path, files: dict[str, tuple[Path, Pa
         llama = [str(exe), "-m", str(gguf), "-t", str(args.threads), "-tb", str(args.threads), "-np", "32", "-cb",
                  "-c", str(32 * (args.input_len + args.output_len + 64)), "--host", "127.0.0.1",
                  "--alias", "smollm2", "--no-webui"]
-        out.append({"name": f"llama.cpp {fmt}", "format": fmt, "cmd": llama, "port_flag": "--port",
-                    "ready": "/health", "tokenizer": str(files["bf16"][0] if "bf16" in files else puyu_model)})
+        tokenizer = str(files["bf16"][0] if "bf16" in files else puyu_model)
+        if not args.skip_llamacpp:
+            out.append({"name": f"llama.cpp {fmt}", "format": fmt, "cmd": llama, "port_flag": "--port",
+                        "ready": "/health", "tokenizer": tokenizer, "env": {}})
+        env = {"PYTHONPATH": str(args.puyu_src.resolve())} if args.puyu_src else {}
         dtypes = args.puyu_dtypes if fmt == "bf16" else ["auto"]
         for dtype in dtypes:
             cmd = [sys.executable, "-m", "puyu.cli", "serve", str(puyu_model), "--model-name", "smollm2",
                    "--num-threads", str(args.threads), "--dtype", dtype, "--log-level", "warning",
                    "--max-batch-size", "32", "--cache-max-entry-count", "128"]
-            out.append({"name": f"puyu {fmt} {dtype}", "format": fmt, "cmd": cmd, "port_flag": "--server-port",
-                        "ready": "/health", "tokenizer": out[-1]["tokenizer"]})
+            out.append({"name": f"{args.label} {fmt} {dtype}", "format": fmt, "cmd": cmd, "port_flag": "--server-port",
+                        "ready": "/health", "tokenizer": tokenizer, "env": env})
     return out
 
 
@@ -139,7 +146,7 @@ def measure(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
     port = free_port()
     cmd = entry["cmd"] + [entry["port_flag"], str(port)]
     server = ServerProcess(cmd, port, work / f"{entry['name'].replace(' ', '_')}.log", entry["ready"],
-                           offline_env(args.threads))
+                           offline_env(args.threads, **entry["env"]))
     startup = server.wait_ready()
     print(f"{entry['name']}: ready after {startup:.1f} s", flush=True)
     levels = []
@@ -174,7 +181,7 @@ def table(results: list[dict[str, Any]], concurrency: list[int]) -> str:
     base = {r["format"]: r for r in results if r["name"].startswith("llama.cpp")}
     for r in results:
         ref = base.get(r["format"])
-        if r["name"].startswith("puyu") and ref:
+        if not r["name"].startswith("llama.cpp") and ref:
             ratio = [f"{a['output_throughput'] / b['output_throughput']:.2f}x" for a, b in zip(r["levels"], ref["levels"])]
             lines.append(f"| {r['name']} / llama.cpp | " + " | ".join(ratio) + " |")
     return "\n".join(lines)
