@@ -1,6 +1,6 @@
 """puyu's own CPU kernels, built on first use with the machine's C compiler, and their Python entry points:
 `PackedLinear` (cpu_linear.c: bf16 or float32 weights), `PackedInt4Linear` (cpu_linear_int4.c: 4-bit group-quantised
-weights) and `decode_attention` (cpu_attention.c: paged decode attention).
+weights), `PackedInt8Linear` (cpu_linear_int8.c: int8 blocks of 32, GGUF's Q8_0) and `decode_attention` (cpu_attention.c: paged decode attention).
 
 The sources are compiled together with `-march=native -O3 -fopenmp` into `~/.cache/puyu/kernels/` (or `$PUYU_CACHE_DIR/kernels`)
 under a name hashing the source, the compiler and the CPU, so a cached build is only ever reused on the machine
@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_linear.c", "cpu_linear_int4.c", "cpu_attention.c",
-                                                                 "cpu_pointwise.c"))
+                                                                 "cpu_pointwise.c", "cpu_linear_int8.c"))
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -86,6 +86,9 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.puyu_linear_int4.restype = ctypes.c_int
     lib.puyu_linear_int4.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
                                      + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int])
+    lib.puyu_linear_int8.restype = ctypes.c_int
+    lib.puyu_linear_int8.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+                                     + [ctypes.c_int])
     lib.puyu_add_rmsnorm.restype = None
     lib.puyu_add_rmsnorm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.puyu_rope_write.restype = None
@@ -186,6 +189,60 @@ class PackedInt4Linear:
                           flat.shape[0], self.in_features, self.out_features, torch.get_num_threads())
             if rc != 0:
                 raise MemoryError("PackedInt4Linear: out of memory widening x")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+INT8_BLOCK = 32  # inputs per int8 scale (I8_BLOCK in cpu_linear_int8.c; GGUF's Q8_0 block)
+
+
+def exact_int8_blocks(weight: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(q int8 `[out, in]`, d float16 `[out, in/32]`) with `weight == q * d` exactly (per block of 32 inputs), or
+    None. A GGUF Q8_0 tensor read back as float32 has this form: `d = max|w| / 127` recovers its scale."""
+    n, k = weight.shape
+    if weight.dtype != torch.float32 or k % INT8_BLOCK:
+        return None
+    blocks = weight.view(n, k // INT8_BLOCK, INT8_BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    d16 = d.to(torch.float16)
+    if not torch.equal(d16.float(), d):
+        return None
+    safe = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)
+    q = (blocks / safe).round()
+    if not torch.equal(q * d.unsqueeze(-1), blocks):
+        return None
+    return q.to(torch.int8).view(n, k), d16
+
+
+class PackedInt8Linear:
+    """`F.linear(x, q * d)` through cpu_linear_int8.c for int8 weights `q [out, in]` with float16 scales `d
+    [out, in/32]` (see `exact_int8_blocks`); repacked once into panels of 16 outputs."""
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("PackedInt8Linear: puyu's cpu kernels are not available (check available() first)")
+        self.out_features, self.in_features = q.shape
+        pad = -self.out_features % PANEL
+        if pad:
+            q = torch.cat([q, q.new_zeros(pad, self.in_features)])
+            d = torch.cat([d, d.new_zeros(pad, d.shape[1])])
+        self.q = q.view(-1, PANEL, self.in_features).transpose(1, 2).contiguous()  # [panels, in, 16]
+        self.d = d.to(torch.float16).view(-1, PANEL, d.shape[1]).transpose(1, 2).contiguous()  # [panels, in/32, 16]
+        self.bias = None if bias is None else bias.contiguous()
+        self._fn = lib.puyu_linear_int8
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"PackedInt8Linear: x must be float32 or bfloat16, got {x.dtype}")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = torch.empty((flat.shape[0], self.out_features), dtype=x.dtype)
+        if flat.shape[0]:
+            rc = self._fn(flat.data_ptr(), int(x.dtype == torch.bfloat16), self.q.data_ptr(), self.d.data_ptr(),
+                          None if bias is None else bias.data_ptr(), y.data_ptr(), flat.shape[0], self.in_features,
+                          self.out_features, torch.get_num_threads())
+            if rc != 0:
+                raise MemoryError("PackedInt8Linear: out of memory widening x")
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

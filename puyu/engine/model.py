@@ -44,15 +44,20 @@ def dense_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], kernels: st
 
     The weight is stored transposed, `[out, in]` (nn.Linear's layout): every backend streams it fastest that way
     (on cpu `x @ W[in, out]` in bf16 runs 5-18x slower than `F.linear` on `[out, in]`). With `kernels="auto"` on
-    cpu, puyu's own linear (cpu_linear.c) takes it; a float32 weight whose values are all bf16 numbers (a bf16
-    checkpoint computed in float32) is kept in bf16 there: the same products, half the bytes streamed.
+    cpu, puyu's own linears take it, each streaming the fewest bytes that lose nothing: a float32 weight whose
+    values are all bf16 numbers (a bf16 checkpoint computed in float32) is kept in bf16, one that is exactly int8
+    times a scale per 32 inputs (a GGUF Q8_0 tensor, e.g. SmolLM2's lm head) as int8; the products are the same.
     """
     w = weight.t().contiguous()
     if kernels == "auto" and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
         from . import cpu_kernels
 
         if cpu_kernels.available():
-            return cpu_kernels.PackedLinear(_narrowed(w), bias)
+            w = _narrowed(w)
+            blocks = cpu_kernels.exact_int8_blocks(w) if w.dtype == torch.float32 else None
+            if blocks is not None:
+                return cpu_kernels.PackedInt8Linear(*blocks, bias)
+            return cpu_kernels.PackedLinear(w, bias)
     return lambda x: F.linear(x, w, bias)
 
 

@@ -136,3 +136,20 @@ def test_rope_write_matches_rotary_and_cache_write(dtype):
     torch.testing.assert_close(q, qk[:, :hq], rtol=tol, atol=tol)
     torch.testing.assert_close(got.k_data, ref.k_data, rtol=tol, atol=tol)
     assert torch.equal(got.v_data, ref.v_data)
+
+
+def test_int8_blocks_recovered_exactly_and_linear_matches():
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (40, 96), generator=gen, dtype=torch.int8)
+    q[:, ::32] = 127  # every block reaches the full range, as Q8_0's quantiser makes it
+    d = (torch.rand(40, 3, generator=gen) * 0.01).half()
+    d[3, 1] = 0  # an all-zero block
+    q[3, 32:64] = 0
+    w = q.float() * d.float().repeat_interleave(32, dim=1)
+    blocks = cpu_kernels.exact_int8_blocks(w)
+    assert blocks is not None and torch.equal(blocks[0], q) and torch.equal(blocks[1], d)
+    assert cpu_kernels.exact_int8_blocks(w + 1e-3) is None  # not of that form: stays dense
+    x = torch.randn(5, 96, generator=gen)
+    bias = torch.randn(40, generator=gen)
+    got = cpu_kernels.PackedInt8Linear(*blocks, bias)(x)
+    torch.testing.assert_close(got.double(), F.linear(x.double(), w.double(), bias.double()), rtol=1e-5, atol=1e-4)
