@@ -44,9 +44,15 @@ def _cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "puyu") / "kernels"
 
 
+def _march() -> str:
+    """The target: this CPU, or `$PUYU_CPU_MARCH` (e.g. `x86-64-v3`, to build and test the AVX2 code on an
+    AVX-512 machine)."""
+    return os.environ.get("PUYU_CPU_MARCH", "native")
+
+
 def _compile(cc: str, out: Path) -> bool:
     # -ffp-contract=off: a * b - c * d stays two roundings, as in torch's elementwise ops
-    base = [cc, "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(out), "-lm"]
+    base = [cc, "-O3", f"-march={_march()}", "-ffp-contract=off", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(out), "-lm"]
     for extra in (["-fopenmp"], []):  # without OpenMP the kernel still works, on one thread
         try:
             done = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
@@ -69,7 +75,7 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     texts = [source.read_text() for source in SOURCES]
-    key = hashlib.sha256("\0".join([*texts, version, _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*texts, version, _cpu_identity(), _march()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"puyu_cpu-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,10 @@
  * rows to a multiple of 16, stored as [N/16][K][16]: for each k, the 16 weights of a panel's outputs side by
  * side. x and y are [B, K] and [B, N], both float32 or both bf16 (x_bf16), contiguous; bias (optional) has x's
  * dtype.
- * Micro-kernel: up to 6 batch rows x 16 outputs held in 12 ymm accumulators; per k it loads (and widens) the
- * panel's 16 weights once and broadcasts one x value per row: 12 FMAs per 2 weight loads, no horizontal sums. A
- * panel (16 * K weights) stays in L1/L2 while every group of 6 rows passes over it, so each weight leaves memory
+ * Micro-kernel: up to MR batch rows x 16 outputs held in registers (AVX2: 6 rows in 12 ymm; AVX-512: 12 rows in
+ * 12 zmm); per k it loads (and widens) the panel's 16 weights once and broadcasts one x value per row, no
+ * horizontal sums. A panel (16 * K weights) stays in L1/L2 while every group of MR rows passes over it, so each
+ * weight leaves memory
  * once per call. Threads (OpenMP, the runtime torch uses) take whole panels; their number is passed in (torch's
  * setting for the calling thread: an OpenMP default read in a thread other than the main one can be 1).
  * Built with -march=native by puyu/engine/cpu_kernels.py; needs AVX2 and FMA.
@@ -23,7 +24,6 @@
 #include <string.h>
 
 #define NR 16 /* outputs per panel */
-#define MR 6  /* batch rows per micro-kernel call */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -39,6 +39,54 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stay
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
+
+#if defined(__AVX512F__)
+/* AVX-512: a panel's 16 outputs are one zmm, so the micro-kernel holds up to 12 rows (12 accumulators) and a
+ * weight is widened once for 12 rows, not 6; the panel layout is the same as on AVX2. */
+#define MR 12
+
+static inline __m512 load_bf16x16(const uint16_t* p) {
+    __m256i h = _mm256_loadu_si256((const __m256i*)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __m512 load_f32x16(const float* p) { return _mm512_loadu_ps(p); }
+
+#define MICRO(name, W, LOAD16)                                                                                 \
+    static inline __attribute__((always_inline)) void name(const W* panel, const float* x, long K, int mr,    \
+                                                           float* out) {                                       \
+        __m512 acc[MR];                                                                                        \
+        for (int i = 0; i < mr; i++) acc[i] = _mm512_setzero_ps();                                             \
+        for (long k = 0; k < K; k++) {                                                                         \
+            __m512 w = LOAD16(panel + k * NR);                                                                 \
+            for (int i = 0; i < mr; i++) acc[i] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[i * K + k]), acc[i]);    \
+        }                                                                                                      \
+        for (int i = 0; i < mr; i++) _mm512_storeu_ps(out + i * NR, acc[i]);                                   \
+    }
+
+/* The one-row case (batch-1 decode), bound by memory: four k per iteration into separate accumulators, so the
+ * FMA latency chain never throttles the weight stream. */
+#define MICRO1(name, W, LOAD16)                                                                                \
+    static inline __attribute__((always_inline)) void name(const W* panel, const float* x, long K, float* out) { \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                            \
+        long k = 0;                                                                                            \
+        for (; k + 4 <= K; k += 4) {                                                                           \
+            a0 = _mm512_fmadd_ps(LOAD16(panel + k * NR), _mm512_set1_ps(x[k]), a0);                            \
+            a1 = _mm512_fmadd_ps(LOAD16(panel + (k + 1) * NR), _mm512_set1_ps(x[k + 1]), a1);                  \
+            a2 = _mm512_fmadd_ps(LOAD16(panel + (k + 2) * NR), _mm512_set1_ps(x[k + 2]), a2);                  \
+            a3 = _mm512_fmadd_ps(LOAD16(panel + (k + 3) * NR), _mm512_set1_ps(x[k + 3]), a3);                  \
+        }                                                                                                      \
+        for (; k < K; k++) a0 = _mm512_fmadd_ps(LOAD16(panel + k * NR), _mm512_set1_ps(x[k]), a0);             \
+        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));                    \
+    }
+
+MICRO1(micro1_bf16w, uint16_t, load_bf16x16)
+MICRO1(micro1_f32w, float, load_f32x16)
+MICRO(micro_bf16w, uint16_t, load_bf16x16)
+MICRO(micro_f32w, float, load_f32x16)
+
+#else /* AVX2 + FMA */
+#define MR 6  /* batch rows per micro-kernel call */
 
 static inline __m256 load_bf16x8(const uint16_t* p) {
     __m128i h = _mm_loadu_si128((const __m128i*)p);
@@ -95,6 +143,8 @@ MICRO1(micro1_f32w, float, load_f32x8)
 MICRO(micro_bf16w, uint16_t, load_bf16x8)
 MICRO(micro_f32w, float, load_f32x8)
 
+#endif
+
 static inline void store(void* y, int y_bf16, long i, float v) {
     if (y_bf16) ((uint16_t*)y)[i] = f32_to_bf16(v);
     else ((float*)y)[i] = v;
@@ -112,10 +162,43 @@ static void write_rows(void* y, int y_bf16, const void* bias, const float* out, 
             store(y, y_bf16, (b + i) * N + n + j, out[i * NR + j] + (bias ? load(bias, y_bf16, n + j) : 0.0f));
 }
 
-/* LINEAR(name, W, MICRO): the entry point for panels of element type W. Returns 0, or -1 when the float32 copy
- * of a bf16 x cannot be allocated. The switch gives the micro-kernel a constant row count (registers, not a
- * stack array). */
-#define LINEAR(name, W, MICRO, MICRO1)                                                                               \
+/* ROW_CASES(MICRO): one switch case per row count below MR, so each call gets a constant count. */
+#define ROW_CASE(MICRO, n) case n: MICRO(panel, xb, K, n, out); break;
+#if MR == 12
+#define ROW_CASES(MICRO) ROW_CASE(MICRO, 2) ROW_CASE(MICRO, 3) ROW_CASE(MICRO, 4) ROW_CASE(MICRO, 5)           \
+    ROW_CASE(MICRO, 6) ROW_CASE(MICRO, 7) ROW_CASE(MICRO, 8) ROW_CASE(MICRO, 9) ROW_CASE(MICRO, 10)            \
+    ROW_CASE(MICRO, 11)
+#else
+#define ROW_CASES(MICRO) ROW_CASE(MICRO, 2) ROW_CASE(MICRO, 3) ROW_CASE(MICRO, 4) ROW_CASE(MICRO, 5)
+#endif
+
+/* PANEL_ROWS(name, W, MICRO, MICRO1): one panel (K x 16 weights of type W) against all B rows of float32 x,
+ * written to y's outputs [n0, n0 + 16) (clipped at N). The switch gives the micro-kernel a constant row count
+ * (registers, not a stack array). */
+#define PANEL_ROWS(name, W, MICRO, MICRO1)                                                                     \
+    void name(const W* panel, const float* x, long B, long K, long N, long n0, const void* bias, int y_bf16,   \
+              void* y) {                                                                                       \
+        float out[MR * NR];                                                                                    \
+        for (long b = 0; b < B; b += MR) {                                                                     \
+            int mr = B - b < MR ? (int)(B - b) : MR;                                                           \
+            const float* xb = x + b * K;                                                                       \
+            switch (mr) {                                                                                      \
+                case 1: MICRO1(panel, xb, K, out); break;                                                      \
+                ROW_CASES(MICRO)                                                                               \
+                default: MICRO(panel, xb, K, MR, out); break;                                                  \
+            }                                                                                                  \
+            write_rows(y, y_bf16, bias, out, b, mr, n0, N);                                                    \
+        }                                                                                                      \
+    }
+
+/* puyu_panel_rows_f32w is also the second half of the quantised kernels for many rows (prefill): they
+ * dequantise a panel once into a float32 buffer and pass it here. */
+PANEL_ROWS(puyu_panel_rows_f32w, float, micro_f32w, micro1_f32w)
+static PANEL_ROWS(panel_rows_bf16w, uint16_t, micro_bf16w, micro1_bf16w)
+
+/* LINEAR(name, W, PANEL_FN): the entry point for panels of element type W. Returns 0, or -1 when the float32
+ * copy of a bf16 x cannot be allocated. Threads take whole panels. */
+#define LINEAR(name, W, PANEL_FN)                                                                              \
     int name(const void* x, int x_bf16, const W* panels, const void* bias, void* y, long B, long K, long N,    \
              int threads) {                                                                                    \
         const float* xf = (const float*)x;                                                                     \
@@ -129,26 +212,11 @@ static void write_rows(void* y, int y_bf16, const void* bias, const float* out, 
         }                                                                                                      \
         long num_panels = (N + NR - 1) / NR;                                                                   \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                                      \
-        for (long p = 0; p < num_panels; p++) {                                                                \
-            const W* panel = panels + p * K * NR;                                                              \
-            float out[MR * NR];                                                                                \
-            for (long b = 0; b < B; b += MR) {                                                                 \
-                int mr = B - b < MR ? (int)(B - b) : MR;                                                       \
-                const float* xb = xf + b * K;                                                                  \
-                switch (mr) {                                                                                  \
-                    case 1: MICRO1(panel, xb, K, out); break;                                                  \
-                    case 2: MICRO(panel, xb, K, 2, out); break;                                                \
-                    case 3: MICRO(panel, xb, K, 3, out); break;                                                \
-                    case 4: MICRO(panel, xb, K, 4, out); break;                                                \
-                    case 5: MICRO(panel, xb, K, 5, out); break;                                                \
-                    default: MICRO(panel, xb, K, 6, out); break;                                               \
-                }                                                                                              \
-                write_rows(y, x_bf16, bias, out, b, mr, p * NR, N);                                            \
-            }                                                                                                  \
-        }                                                                                                      \
+        for (long p = 0; p < num_panels; p++)                                                                  \
+            PANEL_FN(panels + p * K * NR, xf, B, K, N, p * NR, bias, x_bf16, y);                               \
         free(widened);                                                                                         \
         return 0;                                                                                              \
     }
 
-LINEAR(puyu_linear_bf16w, uint16_t, micro_bf16w, micro1_bf16w)
-LINEAR(puyu_linear_f32w, float, micro_f32w, micro1_f32w)
+LINEAR(puyu_linear_bf16w, uint16_t, panel_rows_bf16w)
+LINEAR(puyu_linear_f32w, float, puyu_panel_rows_f32w)
