@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from typing import Optional, Sequence
 
-# The modules that add subcommands; each defines `register(subparsers) -> None`.
+# The modules that add subcommands; each defines `register(subparsers) -> None`. Every one must import: a module
+# that cannot is an error here, not a silently missing command.
 COMMAND_MODULES = [
-    "puyu.engine.cli",
     "puyu.convert.cli",
     "puyu.serve.cli",
     "puyu.bench.cli",
@@ -34,11 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            if importlib.util.find_spec(name) is None:  # an area not present in this checkout
-                continue
-        except ModuleNotFoundError:
-            continue
         importlib.import_module(name).register(subparsers)
     return parser
 

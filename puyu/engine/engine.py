@@ -93,7 +93,8 @@ class AsyncEngine:
         return self.engine.stats()
 
     def close(self) -> None:
-        """Stop the engine thread (requests still running end with 'abort')."""
+        """Stop the engine thread. Every request it was given ends with 'abort': those running and those still
+        waiting in the command list; `generate` after (or racing) close raises RuntimeError."""
         with self._cv:
             self._closed = True
             self._cv.notify()
@@ -120,6 +121,8 @@ class AsyncEngine:
 
     def _register(self, request_id: str, ids: list[int], gen_config: GenerationConfig, sink: Sink) -> None:
         with self._cv:
+            if self._closed:  # checked again under the lock: a close() since _prepare would leave nobody to answer
+                raise RuntimeError("the engine is closed")
             if request_id in self._sinks:
                 raise ValueError(f"request_id: {request_id!r} is already running")
             self._sinks[request_id] = sink
@@ -178,6 +181,9 @@ class AsyncEngine:
                     self._cv.wait()
                 if self._closed:
                     outs = [o for rid in list(self.engine.requests) if (o := self.engine.abort(rid)) is not None]
+                    outs += [StreamOutput(finish_reason="abort", request_id=payload[0])
+                             for kind, payload in self._commands if kind == "add"]
+                    self._commands = []
                     self._deliver(outs)
                     return
                 commands, self._commands = self._commands, []

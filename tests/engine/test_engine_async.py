@@ -129,3 +129,25 @@ def test_chat_messages_prompt(engine):
     expect_len = len(engine.tokenizer.encode(rendered, add_special_tokens=False))
     assert chunks[-1].input_token_len == expect_len
     assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_close_ends_pending_adds_and_refuses_new_ones(internlm2_checkpoint, prompts):
+    """A request still in the command list when close() runs gets a final 'abort' (it used to wait forever), and
+    one registered after close() is refused, not left without an engine thread to answer it."""
+    import queue
+
+    eng = AsyncEngine(internlm2_checkpoint, EngineConfig(cache_max_entry_count=16, cache_block_seq_len=16))
+    got: queue.Queue = queue.Queue()
+    with eng._cv:  # the engine thread cannot take commands while this lock is held: the add stays pending
+        eng._register("pending", list(prompts[0]), greedy(4), got.put)
+        eng._closed = True  # what close() sets, under the same lock
+        eng._cv.notify()
+    eng._thread.join(timeout=30)
+    assert not eng._thread.is_alive()
+    last = got.get(timeout=5)
+    assert (last.request_id, last.finish_reason) == ("pending", "abort")
+    with pytest.raises(RuntimeError, match="closed"):
+        eng._register("late", list(prompts[0]), greedy(4), got.put)
+    with pytest.raises(RuntimeError, match="closed"):
+        list(eng.stream_sync(prompts[0], greedy(4)))
+    eng.close()
