@@ -80,13 +80,100 @@ static inline __m512 load_f32x16(const float* p) { return _mm512_loadu_ps(p); }
         _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));                    \
     }
 
-MICRO1(micro1_bf16w, uint16_t, load_bf16x16)
 MICRO1(micro1_f32w, float, load_f32x16)
-MICRO(micro_bf16w, uint16_t, load_bf16x16)
 MICRO(micro_f32w, float, load_f32x16)
+
+/* bf16 weights on AVX-512 are stored k-paired: [N/16][K2/2][16][2] (K2 = K rounded up to even, a zero column
+ * pads), so one 64-byte load holds the panel's 16 outputs at k and k + 1. For float32 x the pair widens with two
+ * integer ops (even k: shift left 16; odd k: mask the low half); for bf16 x it feeds vdpbf16ps directly. */
+#define BF16_PAIRED 1
+
+static inline __m512 pair_even(__m512i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); }
+
+static inline __m512 pair_odd(__m512i w) {
+    return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+static inline __m512i load_pair(const uint16_t* panel, long kp) { return _mm512_loadu_si512(panel + kp * 2 * NR); }
+
+/* k-paired bf16 weights x float32 rows: even and odd k in separate accumulators (24 of 32 zmm at 12 rows), so
+ * each FMA chain advances once per pair. */
+static inline __attribute__((always_inline)) void micro_bf16w(const uint16_t* panel, const float* x, long K, int mr,
+                                                              float* out) {
+    __m512 even[MR], odd[MR];
+    for (int i = 0; i < mr; i++) even[i] = odd[i] = _mm512_setzero_ps();
+    long kp = 0;
+    for (; 2 * kp + 2 <= K; kp++) {
+        __m512i w = load_pair(panel, kp);
+        __m512 we = pair_even(w), wo = pair_odd(w);
+        for (int i = 0; i < mr; i++) {
+            even[i] = _mm512_fmadd_ps(we, _mm512_set1_ps(x[i * K + 2 * kp]), even[i]);
+            odd[i] = _mm512_fmadd_ps(wo, _mm512_set1_ps(x[i * K + 2 * kp + 1]), odd[i]);
+        }
+    }
+    if (K & 1) {
+        __m512 we = pair_even(load_pair(panel, kp));
+        for (int i = 0; i < mr; i++) even[i] = _mm512_fmadd_ps(we, _mm512_set1_ps(x[i * K + K - 1]), even[i]);
+    }
+    for (int i = 0; i < mr; i++) _mm512_storeu_ps(out + i * NR, _mm512_add_ps(even[i], odd[i]));
+}
+
+static inline __attribute__((always_inline)) void micro1_bf16w(const uint16_t* panel, const float* x, long K,
+                                                               float* out) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long kp = 0;
+    for (; 2 * kp + 4 <= K; kp += 2) {
+        __m512i w0 = load_pair(panel, kp), w1 = load_pair(panel, kp + 1);
+        a0 = _mm512_fmadd_ps(pair_even(w0), _mm512_set1_ps(x[2 * kp]), a0);
+        a1 = _mm512_fmadd_ps(pair_odd(w0), _mm512_set1_ps(x[2 * kp + 1]), a1);
+        a2 = _mm512_fmadd_ps(pair_even(w1), _mm512_set1_ps(x[2 * kp + 2]), a2);
+        a3 = _mm512_fmadd_ps(pair_odd(w1), _mm512_set1_ps(x[2 * kp + 3]), a3);
+    }
+    for (; 2 * kp + 2 <= K; kp++) {
+        __m512i w = load_pair(panel, kp);
+        a0 = _mm512_fmadd_ps(pair_even(w), _mm512_set1_ps(x[2 * kp]), a0);
+        a1 = _mm512_fmadd_ps(pair_odd(w), _mm512_set1_ps(x[2 * kp + 1]), a1);
+    }
+    if (K & 1) a0 = _mm512_fmadd_ps(pair_even(load_pair(panel, kp)), _mm512_set1_ps(x[K - 1]), a0);
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+#if defined(__AVX512BF16__)
+/* bf16 x (even K): vdpbf16ps adds w[k] * x[k] + w[k+1] * x[k+1] (exact bf16 products, float32 sums) per output,
+ * twice the multiply rate of float32 FMA and no widening of either side: prefill and large batches. */
+static inline __m512bh x_pair(const uint16_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return (__m512bh)_mm512_set1_epi32(v);
+}
+
+static inline __attribute__((always_inline)) void micro_dp(const uint16_t* panel, const uint16_t* x, long K, int mr,
+                                                           float* out) {
+    __m512 acc[MR];
+    for (int i = 0; i < mr; i++) acc[i] = _mm512_setzero_ps();
+    for (long kp = 0; 2 * kp < K; kp++) {
+        __m512bh w = (__m512bh)load_pair(panel, kp);
+        for (int i = 0; i < mr; i++) acc[i] = _mm512_dpbf16_ps(acc[i], w, x_pair(x + i * K + 2 * kp));
+    }
+    for (int i = 0; i < mr; i++) _mm512_storeu_ps(out + i * NR, acc[i]);
+}
+
+static inline __attribute__((always_inline)) void micro1_dp(const uint16_t* panel, const uint16_t* x, long K,
+                                                            float* out) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    long kp = 0;
+    for (; 2 * kp + 4 <= K; kp += 2) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)load_pair(panel, kp), x_pair(x + 2 * kp));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)load_pair(panel, kp + 1), x_pair(x + 2 * kp + 2));
+    }
+    for (; 2 * kp < K; kp++) a0 = _mm512_dpbf16_ps(a0, (__m512bh)load_pair(panel, kp), x_pair(x + 2 * kp));
+    _mm512_storeu_ps(out, _mm512_add_ps(a0, a1));
+}
+#endif
 
 #else /* AVX2 + FMA */
 #define MR 6  /* batch rows per micro-kernel call */
+#define BF16_PAIRED 0
 
 static inline __m256 load_bf16x8(const uint16_t* p) {
     __m128i h = _mm_loadu_si128((const __m128i*)p);
@@ -175,13 +262,13 @@ static void write_rows(void* y, int y_bf16, const void* bias, const float* out, 
 /* PANEL_ROWS(name, W, MICRO, MICRO1): one panel (K x 16 weights of type W) against all B rows of float32 x,
  * written to y's outputs [n0, n0 + 16) (clipped at N). The switch gives the micro-kernel a constant row count
  * (registers, not a stack array). */
-#define PANEL_ROWS(name, W, MICRO, MICRO1)                                                                     \
-    void name(const W* panel, const float* x, long B, long K, long N, long n0, const void* bias, int y_bf16,   \
+#define PANEL_ROWS(name, W, X, MICRO, MICRO1)                                                                  \
+    void name(const W* panel, const X* x, long B, long K, long N, long n0, const void* bias, int y_bf16,       \
               void* y) {                                                                                       \
         float out[MR * NR];                                                                                    \
         for (long b = 0; b < B; b += MR) {                                                                     \
             int mr = B - b < MR ? (int)(B - b) : MR;                                                           \
-            const float* xb = x + b * K;                                                                       \
+            const X* xb = x + b * K;                                                                           \
             switch (mr) {                                                                                      \
                 case 1: MICRO1(panel, xb, K, out); break;                                                      \
                 ROW_CASES(MICRO)                                                                               \
@@ -193,14 +280,32 @@ static void write_rows(void* y, int y_bf16, const void* bias, const float* out, 
 
 /* puyu_panel_rows_f32w is also the second half of the quantised kernels for many rows (prefill): they
  * dequantise a panel once into a float32 buffer and pass it here. */
-PANEL_ROWS(puyu_panel_rows_f32w, float, micro_f32w, micro1_f32w)
-static PANEL_ROWS(panel_rows_bf16w, uint16_t, micro_bf16w, micro1_bf16w)
+PANEL_ROWS(puyu_panel_rows_f32w, float, float, micro_f32w, micro1_f32w)
+static PANEL_ROWS(panel_rows_bf16w, uint16_t, float, micro_bf16w, micro1_bf16w)
+#if defined(__AVX512BF16__)
+static PANEL_ROWS(panel_rows_dp, uint16_t, uint16_t, micro_dp, micro1_dp)
+#endif
 
-/* LINEAR(name, W, PANEL_FN): the entry point for panels of element type W. Returns 0, or -1 when the float32
- * copy of a bf16 x cannot be allocated. Threads take whole panels. */
-#define LINEAR(name, W, PANEL_FN)                                                                              \
+/* Whether bf16 panels are k-paired (cpu_kernels.PackedLinear packs them so). */
+int puyu_bf16_panels_paired(void) { return BF16_PAIRED; }
+
+/* Whether bf16 x meets bf16 weights in the CPU's bf16 dot product (cpu_kernels.bf16_dot). */
+int puyu_bf16_dot(void) {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* LINEAR(name, W, PANEL_FN, STRIDE, DIRECT): the entry point for panels of element type W, STRIDE elements
+ * apart. Returns 0, or -1 when the float32 copy of a bf16 x cannot be allocated. DIRECT(x) is the bf16-x path
+ * that needs no copy (a statement; empty where there is none). Threads take whole panels. */
+#define LINEAR(name, W, PANEL_FN, STRIDE, DIRECT)                                                              \
     int name(const void* x, int x_bf16, const W* panels, const void* bias, void* y, long B, long K, long N,    \
              int threads) {                                                                                    \
+        long num_panels = (N + NR - 1) / NR, stride = (STRIDE);                                                \
+        DIRECT                                                                                                 \
         const float* xf = (const float*)x;                                                                     \
         float* widened = NULL;                                                                                 \
         if (x_bf16) { /* widen x once: every panel reads it */                                                 \
@@ -210,13 +315,24 @@ static PANEL_ROWS(panel_rows_bf16w, uint16_t, micro_bf16w, micro1_bf16w)
             for (long i = 0; i < B * K; i++) widened[i] = bf16_to_f32(xh[i]);                                  \
             xf = widened;                                                                                      \
         }                                                                                                      \
-        long num_panels = (N + NR - 1) / NR;                                                                   \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                                      \
         for (long p = 0; p < num_panels; p++)                                                                  \
-            PANEL_FN(panels + p * K * NR, xf, B, K, N, p * NR, bias, x_bf16, y);                               \
+            PANEL_FN(panels + p * stride, xf, B, K, N, p * NR, bias, x_bf16, y);                               \
         free(widened);                                                                                         \
         return 0;                                                                                              \
     }
 
-LINEAR(puyu_linear_bf16w, uint16_t, panel_rows_bf16w)
-LINEAR(puyu_linear_f32w, float, puyu_panel_rows_f32w)
+#if defined(__AVX512BF16__)
+#define BF16_DIRECT                                                                                            \
+    if (x_bf16 && K % 2 == 0) {                                                                                \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                      \
+        for (long p = 0; p < num_panels; p++)                                                                  \
+            panel_rows_dp(panels + p * stride, (const uint16_t*)x, B, K, N, p * NR, bias, 1, y);               \
+        return 0;                                                                                              \
+    }
+#else
+#define BF16_DIRECT
+#endif
+
+LINEAR(puyu_linear_bf16w, uint16_t, panel_rows_bf16w, (BF16_PAIRED ? K + (K & 1) : K) * NR, BF16_DIRECT)
+LINEAR(puyu_linear_f32w, float, puyu_panel_rows_f32w, K * NR, )

@@ -31,12 +31,15 @@ def test_linear_matches_f_linear(w_dtype, shape):
     torch.testing.assert_close(cpu_kernels.PackedLinear(w)(x).double(), want - bias.double(), rtol=1e-5, atol=1e-4)
 
 
-def test_linear_bf16_activations_round_like_torch():
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(200, 96, generator=gen).bfloat16()
-    x = torch.randn(2, 5, 96, generator=gen).bfloat16()
+@pytest.mark.parametrize("shape", [(2, 5, 96, 200), (1, 1, 97, 33), (3, 15, 64, 40), (1, 1, 576, 48)])
+def test_linear_bf16_activations_round_like_torch(shape):
+    """bf16 x: on AVX-512 BF16 machines the dot-product instruction (even in), else x widened (odd in, AVX2)."""
+    *lead, k, n = shape
+    gen = torch.Generator().manual_seed(k + n)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(*lead, k, generator=gen).bfloat16()
     got = cpu_kernels.PackedLinear(w)(x)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 200)
+    assert got.dtype == torch.bfloat16 and got.shape == (*lead, n)
     want = F.linear(x.float(), w.float())  # fp32 accumulation, one rounding to bf16 at the end
     torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-2)
     assert (got.float() - want).abs().max() <= 2 ** -7 * want.abs().max()
