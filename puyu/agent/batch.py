@@ -9,6 +9,7 @@ Writes OUT/runs/<id>/ (one run folder per task), OUT/results.jsonl, OUT/summary.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -75,15 +76,31 @@ def load_tasks(path: str | Path, data_dir: Optional[str | Path] = None) -> list[
     return tasks
 
 
-def _folder_name(task_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", task_id)[:80] or "task"
+def folder_names(task_ids: list[str]) -> dict[str, str]:
+    """A distinct, safe folder name under `runs/` for each task id: an id made only of letters, digits and `_.-`
+    (not all dots) is its own name; any other id, or one whose name is taken, gets the cleaned id plus a hash of
+    the id, so `a/b` and `a_b` never share a folder and `..` never leaves `runs/`."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for task_id in task_ids:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", task_id)[:80]
+        if name != task_id or not name.strip(".") or name in taken:
+            stem, salt = name.strip(".")[:60] or "task", 0
+            while True:
+                name = f"{stem}-{hashlib.sha256(f'{salt}/{task_id}'.encode()).hexdigest()[:10]}"
+                if name not in taken:
+                    break
+                salt += 1
+        names[task_id] = name
+        taken.add(name)
+    return names
 
 
 def _run_one(task: Task, make_model: Callable[[Task], BaseModel], out: Path, config: RunConfig,
-             gen_params: dict) -> dict:
+             gen_params: dict, folder: str) -> dict:
     start = time.monotonic()
     try:
-        res = run_analysis(make_model(task), task.question, task.files, out / "runs" / _folder_name(task.id),
+        res = run_analysis(make_model(task), task.question, task.files, out / "runs" / folder,
                            config, task_id=task.id, **gen_params)
         row = {"id": task.id, "status": res.status, "answer": res.answer, "turns": res.turns,
                "duration_s": res.duration_s, "usage": res.usage, "error": res.error, "run_dir": res.run_dir}
@@ -106,8 +123,9 @@ def run_batch(tasks: list[Task], make_model: Callable[[Task], BaseModel], out_di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    folders = folder_names([t.id for t in tasks])
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        rows = list(pool.map(lambda t: _run_one(t, make_model, out, config, gen_params), tasks))
+        rows = list(pool.map(lambda t: _run_one(t, make_model, out, config, gen_params, folders[t.id]), tasks))
     with (out / "results.jsonl").open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

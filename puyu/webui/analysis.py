@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
+import os
+import stat
 import tempfile
 import threading
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
@@ -128,8 +130,35 @@ class LiveTap:
 
 
 def zip_run(run_dir: Path) -> Path:
-    """`run-NNN.zip` next to the folder, holding `run-NNN/` (transcript, report, figures, work files)."""
-    return Path(shutil.make_archive(str(run_dir), "zip", root_dir=run_dir.parent, base_dir=run_dir.name))
+    """`run-NNN.zip` next to the folder, holding `run-NNN/` (transcript, report, figures, work files).
+
+    The sandboxed code could write anything inside the run folder, so only regular files are packed, each opened
+    with O_NOFOLLOW after an lstat: a symlink (to /root, to /proc/self/environ) or a fifo is left out, never read
+    through, and folders are walked without following links."""
+    target = run_dir.with_name(run_dir.name + ".zip")
+    tmp = target.with_name(target.name + ".part")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for folder, dirs, files in os.walk(run_dir, followlinks=False):
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+            for name in sorted(files):
+                path = os.path.join(folder, name)
+                data = _read_regular_file(path)
+                if data is not None:
+                    archive.writestr(os.path.join(run_dir.name, os.path.relpath(path, run_dir)), data)
+    os.replace(tmp, target)
+    return target
+
+
+def _read_regular_file(path: str) -> Optional[bytes]:
+    """The bytes of `path` if it is a regular file and not a link (checked on the opened descriptor), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return f.read()
 
 
 def _read_new_lines(path: Path, offset: int) -> tuple[list[dict], int]:

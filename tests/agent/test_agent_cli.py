@@ -105,6 +105,26 @@ def test_agent_batch_scores_answers(data_dir, puyu_here):
     assert "accuracy by question: 33.3%" in md and "[report](runs/right/report.md)" in md
 
 
+def test_batch_ids_that_clean_to_one_name_get_separate_folders(data_dir, puyu_here):
+    """`a/b` and `a_b` used to share runs/a_b (one run's files overwrote the other's) and `..` ran in the batch
+    folder itself: every id now gets its own folder inside runs/."""
+    ids = ["a/b", "a_b", "..", "."]
+    tasks = [{"id": i, "question": f"Say {n}.", "files": []} for n, i in enumerate(ids)]
+    (data_dir / "clash.jsonl").write_text("\n".join(json.dumps(t) for t in tasks) + "\n")
+    replies = {i: [f"Answer number {n}.<|im_end|>"] for n, i in enumerate(ids)}
+    (data_dir / "clash-replays.json").write_text(json.dumps(replies))
+    p = puyu_here("batch", "clash.jsonl", "--model", "replay:clash-replays.json", "--out", "clash", cwd=data_dir)
+    assert p.returncode == 0, p.stderr
+    runs = (data_dir / "clash" / "runs").resolve()
+    rows = {r["id"]: r for r in map(json.loads, (data_dir / "clash" / "results.jsonl").read_text().splitlines())}
+    dirs = [Path(rows[i]["run_dir"]).resolve() for i in ids]
+    assert len(set(dirs)) == len(ids) and all(d.parent == runs for d in dirs), dirs
+    assert Path(rows["a_b"]["run_dir"]).name == "a_b"  # a safe id keeps its name
+    for n, (i, d) in enumerate(zip(ids, dirs)):
+        result = json.loads((d / "result.json").read_text())
+        assert result["answer"].startswith(f"Answer number {n}."), (i, result["answer"])
+
+
 def test_bad_tasks_file_names_file_and_line(data_dir, puyu_here):
     (data_dir / "bad.jsonl").write_text('{"id": 1, "question": "ok"}\n{"id": 2}\n')
     p = puyu_here("batch", "bad.jsonl", "--model", "replay:replay.json", cwd=data_dir)
