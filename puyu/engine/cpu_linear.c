@@ -94,7 +94,19 @@ static inline __m512 pair_odd(__m512i w) {
     return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)));
 }
 
-static inline __m512i load_pair(const uint16_t* panel, long kp) { return _mm512_loadu_si512(panel + kp * 2 * NR); }
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 4096
+#endif
+
+/* Every weight line is prefetched PREFETCH_BYTES ahead: with many rows per pass the hardware prefetcher alone
+ * falls behind (measured: 12 rows streamed the weights at 23 GB/s against 56 GB/s at one row). Panels are
+ * contiguous, so near a panel's end this fetches the next one. 4096 measured best of 512..16384 (Zen 5, SmolLM2
+ * weight pass: 12 rows 9.2 -> 5.7 ms, 64 rows 26 -> 21 ms, one row unchanged). */
+static inline __m512i load_pair(const uint16_t* panel, long kp) {
+    const uint16_t* p = panel + kp * 2 * NR;
+    _mm_prefetch((const char*)p + PREFETCH_BYTES, _MM_HINT_T0);
+    return _mm512_loadu_si512(p);
+}
 
 /* k-paired bf16 weights x float32 rows: even and odd k in separate accumulators (24 of 32 zmm at 12 rows), so
  * each FMA chain advances once per pair. */
