@@ -42,13 +42,8 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stay
 
 #if defined(__AVX512F__)
 /* AVX-512: a panel's 16 outputs are one zmm, so the micro-kernel holds up to 12 rows (12 accumulators) and a
- * weight is widened once for 12 rows, not 6; the panel layout is the same as on AVX2. */
+ * weight is loaded once for 12 rows, not 6. float32 panels have the AVX2 layout; bf16 panels are k-paired (below). */
 #define MR 12
-
-static inline __m512 load_bf16x16(const uint16_t* p) {
-    __m256i h = _mm256_loadu_si256((const __m256i*)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 static inline __m512 load_f32x16(const float* p) { return _mm512_loadu_ps(p); }
 
