@@ -16,7 +16,7 @@ _EXPORTS = {
     "ConfigError": "puyu.config", "PromptTooLongError": "puyu.engine.errors",
     "CheckpointError": "puyu.convert.spec",
 }
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = ["__version__", *sorted(_EXPORTS)]  # noqa: PLE0604 (lazy names: the dict is the one list of them)
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ Both validate themselves and raise `ConfigError` naming the field that is wrong.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 

@@ -68,7 +68,9 @@ class _FastBackend:
 
     def token_to_id(self, token: str) -> Optional[int]:
         i = self.tok.convert_tokens_to_ids(token)
-        return None if i is None or (i == self.tok.unk_token_id and token != self.tok.unk_token) else int(i)
+        if not isinstance(i, int) or (i == self.tok.unk_token_id and token != self.tok.unk_token):
+            return None
+        return i
 
     def __len__(self) -> int:
         return len(self.tok)
@@ -119,7 +121,8 @@ class _SentencePieceBackend:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        out, run = [], []
+        out: list[str] = []
+        run: list[int] = []
         for i in ids:
             if i in self.id_to_special:
                 out.append(self.sp.decode(run))

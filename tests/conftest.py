@@ -26,7 +26,8 @@ def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
     """`make(arch, dtype='fp16', shape=TinyShape(), seed=0)` -> path of an HF checkpoint dir (cached per session)."""
     cache: dict[tuple, Path] = {}
 
-    def make(arch: str, dtype: str = "fp16", shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
+    def make(arch: str, dtype: str = "fp16", shape: TinyShape | None = None, seed: int = 0) -> Path:
+        shape = shape or TinyShape()
         key = (arch, dtype, shape, seed)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"ckpt-{arch}-{dtype}")

@@ -89,13 +89,15 @@ class PuyuAgent(Internlm2Agent):
         self._record({"event": "protocol_error", "turn": turn, "channel": reply.channel, "problem": reply.problem,
                       "call": reply.call_text})
         history.append(dict(role="assistant", content=text.split("<|im_end|>")[0]))
-        env = dict(role="environment", content=reply.problem + ignored_calls_note(reply.ignored_calls)
-                   if reply.ignored_calls else reply.problem)
+        problem = reply.problem or "the reply could not be executed"
+        env = dict(role="environment", content=problem + ignored_calls_note(reply.ignored_calls)
+                   if reply.ignored_calls else problem)
         if reply.channel:
             env["name"] = reply.channel
         history.append(env)
 
     def _execute(self, history: list, ret: AgentReturn, reply: ParsedReply, turn: int) -> None:
+        assert reply.action is not None  # the parser sets an action for every plugin/interpreter reply
         executor = self._interpreter_executor if reply.kind == "interpreter" else self._action_executor
         start = time.monotonic()
         action_return: ActionReturn = executor(reply.action["name"], reply.action["parameters"])

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from lagent.llms import BaseModel
 
@@ -102,7 +102,7 @@ def _run_one(task: Task, make_model: Callable[[Task], BaseModel], out: Path, con
     try:
         res = run_analysis(make_model(task), task.question, task.files, out / "runs" / folder,
                            config, task_id=task.id, **gen_params)
-        row = {"id": task.id, "status": res.status, "answer": res.answer, "turns": res.turns,
+        row: dict[str, Any] = {"id": task.id, "status": res.status, "answer": res.answer, "turns": res.turns,
                "duration_s": res.duration_s, "usage": res.usage, "error": res.error, "run_dir": res.run_dir}
     except Exception as exc:  # one broken task must not end the batch
         row = {"id": task.id, "status": "failed", "answer": "", "turns": 0, "usage": {},

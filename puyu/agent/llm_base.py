@@ -9,7 +9,7 @@ which point the underlying request is closed so the backend can free it. Subclas
 from __future__ import annotations
 
 import threading
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Union, cast
 
 from lagent.llms import BaseModel
 from lagent.llms.meta_template import INTERNLM2_META
@@ -90,7 +90,7 @@ class StreamingModel(BaseModel):
         outputs = []
         for prompt in prompts:
             text = ""
-            for status, text, _ in self.stream_generate(prompt, **gen_params):
+            for status, text, _ in self.stream_generate(prompt, **gen_params):  # noqa: B007 (the last text is the reply)
                 if status < 0:
                     raise RuntimeError(self.last_error or "generation failed")
             outputs.append(text)
@@ -98,5 +98,5 @@ class StreamingModel(BaseModel):
 
     def chat(self, inputs: Union[list[dict], list[list[dict]]], **gen_params):
         if inputs and isinstance(inputs[0], list):
-            return [self.generate(self.render(m), **gen_params) for m in inputs]
-        return self.generate(self.render(inputs), **gen_params)
+            return [self.generate(self.render(m), **gen_params) for m in cast(list[list[dict]], inputs)]
+        return self.generate(self.render(cast(list[dict], inputs)), **gen_params)

@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from lagent.actions import ActionExecutor
 from lagent.llms import BaseModel
@@ -74,18 +74,19 @@ def file_message(copies: list[Path]) -> dict:
 
 
 def _human_size(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KB", "MB"):
-        if n < 1024:
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}GB"
+        if size < 1024:
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}GB"
 
 
 def _file_record(p: Path) -> dict:
     return {"name": p.name, "bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
 
 
-def run_analysis(llm: BaseModel, question: str, files: list[str | Path], run_dir: str | Path,
+def run_analysis(llm: BaseModel, question: str, files: Sequence[str | Path], run_dir: str | Path,
                  config: Optional[RunConfig] = None, task_id: Optional[str] = None, **gen_params) -> RunResult:
     """Run one question over the files with a fresh sandbox; writes the run folder and returns its summary."""
     config = config or RunConfig()

@@ -134,6 +134,12 @@ class Sandbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _running(self) -> tuple[subprocess.Popen, int]:
+        """The worker process and the read end of its control pipe; only valid between start() and _kill()."""
+        if self._proc is None or self._control is None:
+            raise SandboxError("the interpreter worker is not running")
+        return self._proc, self._control
+
     def start(self) -> dict:
         """Start the worker if it is not running; returns the isolation report."""
         if self._proc is not None:
@@ -174,11 +180,13 @@ class Sandbox:
             if time.monotonic() > deadline:
                 self._kill()
                 raise SandboxError(f"the interpreter worker did not start within {self.config.start_timeout_s} s")
-            ready, _, _ = select.select([self._control, self._proc.stdout], [], [], 0.1)
-            if self._proc.stdout in ready:
-                output += os.read(self._proc.stdout.fileno(), 65536)
-            if self._control in ready:
-                chunk = os.read(self._control, 65536)
+            proc, control = self._running()
+            assert proc.stdout is not None  # started with stdout=PIPE
+            ready, _, _ = select.select([control, proc.stdout.fileno()], [], [], 0.1)
+            if proc.stdout.fileno() in ready:
+                output += os.read(proc.stdout.fileno(), 65536)
+            if control in ready:
+                chunk = os.read(control, 65536)
                 if not chunk:
                     self._kill()
                     raise SandboxError(f"the interpreter worker failed to start: {output.decode(errors='replace')}")
@@ -215,7 +223,8 @@ class Sandbox:
             return
         for stream in (proc.stdin, proc.stdout):
             try:
-                stream.close()
+                if stream is not None:
+                    stream.close()
             except OSError:
                 pass
         if self._control is not None:
@@ -233,8 +242,10 @@ class Sandbox:
             self._cells += 1
             cell = self._cells
             try:
-                self._proc.stdin.write((json.dumps({"cell": cell, "code": code}) + "\n").encode())
-                self._proc.stdin.flush()
+                stdin = self._running()[0].stdin
+                assert stdin is not None  # started with stdin=PIPE
+                stdin.write((json.dumps({"cell": cell, "code": code}) + "\n").encode())
+                stdin.flush()
             except (BrokenPipeError, OSError):
                 pass  # the worker died; the wait loop reports it
             return _CellWaiter(self, cell, timeout_s or self.config.timeout_s).wait()
@@ -256,7 +267,10 @@ class _CellWaiter:
 
     def __init__(self, sandbox: Sandbox, cell: int, timeout_s: float) -> None:
         self.sb, self.cell, self.cfg, self.timeout_s = sandbox, cell, sandbox.config, timeout_s
-        self.out_fd = sandbox._proc.stdout.fileno()
+        proc, self.control_fd = sandbox._running()
+        assert proc.stdout is not None  # started with stdout=PIPE
+        self.out_fd = proc.stdout.fileno()
+        self.pid = proc.pid
         self.output = bytearray()
         self.out_open = True  # until the worker's stdout reaches EOF (user code may close fd 1)
         self.total = 0
@@ -272,12 +286,12 @@ class _CellWaiter:
                 self._interrupt("timeout")
             if self.kill_at is not None and now > self.kill_at:
                 return self._finish_dead(self.reason or "timeout")
-            fds = [self.sb._control] + ([self.out_fd] if self.out_open else [])
+            fds = [self.control_fd] + ([self.out_fd] if self.out_open else [])
             ready, _, _ = select.select(fds, [], [], 0.05)
             if self.out_fd in ready:
                 self._read_output()
-            if self.sb._control in ready:
-                chunk = os.read(self.sb._control, 65536)
+            if self.control_fd in ready:
+                chunk = os.read(self.control_fd, 65536)
                 if not chunk:
                     return self._finish_dead(self.reason or "crashed")
                 self.control += chunk
@@ -319,7 +333,7 @@ class _CellWaiter:
         self.reason = reason
         self.kill_at = time.monotonic() + self.cfg.interrupt_grace_s
         try:
-            os.kill(self.sb._proc.pid, signal.SIGINT)
+            os.kill(self.pid, signal.SIGINT)
         except ProcessLookupError:
             pass
 

@@ -155,15 +155,13 @@ def _patch_socket():
     """Last resort when no namespace or Landlock is available: refuse to create Internet sockets from Python."""
     import socket
 
-    original = socket.socket
-
-    class _NoNetSocket(original):
+    class _NoNetSocket(socket.socket):
         def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
             if fileno is None and family in (-1, socket.AF_INET, socket.AF_INET6):
                 raise PermissionError("network access is disabled in this sandbox")
             super().__init__(family, type, proto, fileno)
 
-    socket.socket = _NoNetSocket
+    socket.socket = _NoNetSocket  # type: ignore[misc]
     socket.create_connection = lambda *a, **k: _NoNetSocket()
 
 
@@ -306,8 +304,8 @@ class _FigureSaver:
         if plt is not None and not getattr(plt.show, "_puyu_hook", False):
             def show(*args, **kwargs):
                 self.save_open_figures()
-            show._puyu_hook = True
-            plt.show = show
+            setattr(show, "_puyu_hook", True)  # noqa: B010 (a marker on a function object)
+            setattr(plt, "show", show)  # noqa: B010
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -357,7 +355,8 @@ def run_cell(code, namespace, figures):
         _flush_then(lambda: print(error, file=sys.stderr))
     except BaseException as exc:  # SystemExit included: user code must not end the worker
         error = f"{type(exc).__name__}: {exc}"
-        _flush_then(lambda: sys.stderr.write(_user_traceback(exc)))
+        trace = _user_traceback(exc)
+        _flush_then(lambda: sys.stderr.write(trace))
     finally:
         _IN_CELL = False
     return error

@@ -46,7 +46,7 @@ def arrival_offsets(n: int, cfg: LoadConfig) -> list[float]:
     rng = random.Random(cfg.seed)
     mean_gap = 1.0 / cfg.request_rate
     offsets, t = [], 0.0
-    for i in range(n):
+    for _ in range(n):
         offsets.append(t)
         if cfg.arrival == "constant":
             gap = mean_gap

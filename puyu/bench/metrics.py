@@ -151,9 +151,12 @@ def summarize(records: Sequence[RequestRecord], duration: float, t0: Optional[fl
     samples: dict[str, list[float]] = {name: [] for name in LATENCY_METRICS}
     for r, m in zip(ok, per_req):
         for name in ("ttft", "tpot", "e2el", "e2el_incl_queue"):
-            if m[name] is not None:
-                samples[name].append(m[name])
-        samples["client_queue"].append(m["client_queue"])
+            value = m[name]
+            if value is not None:
+                samples[name].append(value)
+        queue = m["client_queue"]
+        if queue is not None:
+            samples["client_queue"].append(queue)
         gaps, per_token = inter_chunk_gaps(r)
         samples["itl"].extend(gaps)
         samples["itl_per_token"].extend(per_token)

@@ -37,7 +37,7 @@ def plot_latency_cdfs(runs: dict[str, Sequence[RequestRecord]], path: Path, titl
     for label, records in runs.items():
         metrics = [request_metrics(r) for r in records if r.success]
         for ax, key in zip(axes, ("ttft", "e2el")):
-            values = [m[key] * 1000.0 for m in metrics if m[key] is not None]
+            values = [v * 1000.0 for v in (m[key] for m in metrics) if v is not None]
             if values:
                 ax.step(*_cdf(values), where="post", label=label)
     for ax, name in zip(axes, ("TTFT (ms)", "End-to-end latency (ms)")):

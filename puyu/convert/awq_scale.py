@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,7 +87,8 @@ def _calibration_ids(src: Path, text: str, max_tokens: int) -> list[int]:
     return ids
 
 
-def _names(spec: ModelSpec, i: int) -> dict[str, str]:
+def _names(spec: ModelSpec, i: int) -> dict[str, Any]:
+    """HF tensor names of layer i's AWQ groups; 'qkv' is a list (one fused or three separate)."""
     p = f"model.layers.{i}."
     if spec.arch == "internlm2":
         return {"attn_norm": p + "attention_norm.weight", "qkv": [p + "attention.wqkv.weight"],

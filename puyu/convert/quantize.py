@@ -59,9 +59,10 @@ class QuantizeResult:
 
 
 def quantize_checkpoint(src: Path | str, dst: Path | str,
-                        options: QuantizeOptions = QuantizeOptions()) -> QuantizeResult:
+                        options: QuantizeOptions | None = None) -> QuantizeResult:
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    options = options or QuantizeOptions()
     options.validate()
     spec = read_model_spec(src)
     if spec.quant_method:

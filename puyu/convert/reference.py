@@ -6,6 +6,7 @@ the fused grouped `wqkv` is split into q/k/v projections; everything else is a r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,12 +59,14 @@ def load_reference_model(model_dir: Path | str, dtype: torch.dtype = torch.float
 
         config = _llama_config(spec)
         config._attn_implementation = "eager"
-        model = LlamaForCausalLM(config).to(dtype)
+        model: Any = LlamaForCausalLM(config)
+        model = model.to(dtype)
         sd = internlm2_to_llama_state_dict(CheckpointFiles(model_dir), spec)
         model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
         model = model.to(device)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager").to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+        model = model.to(device)
     return model.eval()

@@ -91,7 +91,7 @@ def workspace_spec(root: Path, cfg: WorkspaceConfig) -> ModelSpec:
 
 
 def _cross_check(root: Path, cfg: WorkspaceConfig, spec: ModelSpec) -> None:
-    pairs = {"head_num": (cfg.head_num, spec.num_heads), "hidden_units": (cfg.hidden_units, spec.hidden_size),
+    pairs: dict[str, tuple[object, object]] = {"head_num": (cfg.head_num, spec.num_heads), "hidden_units": (cfg.hidden_units, spec.hidden_size),
              "num_layer": (cfg.num_layer, spec.num_layers), "size_per_head": (cfg.size_per_head, spec.head_dim),
              "vocab_size": (cfg.vocab_size, spec.vocab_size)}
     if cfg.model_arch:

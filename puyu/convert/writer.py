@@ -55,10 +55,11 @@ class ConvertResult:
     weight_bytes: int
 
 
-def convert_checkpoint(src: Path | str, dst: Path | str, options: ConvertOptions = ConvertOptions()) -> ConvertResult:
+def convert_checkpoint(src: Path | str, dst: Path | str, options: ConvertOptions | None = None) -> ConvertResult:
     """Convert the HF checkpoint `src` into the workspace `dst` (see ../shared/spec/turbomind-format.md)."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    options = options or ConvertOptions()
     options.validate()
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")

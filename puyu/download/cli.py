@@ -56,7 +56,8 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def _row(e: ModelEntry) -> list[str]:
-    repo = "(built in)" if e.builtin else e.repos.get(e.default_source, "")
+    source = e.default_source
+    repo = "(built in)" if e.builtin or source is None else e.repos.get(source, "")
     return [e.name, e.display_name, e.params, e.architecture, repo, "yes" if e.persona else "",
             "yes" if local_copy(e) else ""]
 

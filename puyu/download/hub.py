@@ -141,7 +141,7 @@ def _download_huggingface(request: DownloadRequest, endpoint: str, state: dict) 
         raise DownloadError(f"{request.repo_id}: no file matches --include {request.include or ['*']} "
                             f"--exclude {request.exclude or []} (the repository has {len(info.siblings or [])} files)")
     plan = []
-    for remote in _describe(request, endpoint, names, info.sha):
+    for remote in _describe(request, endpoint, names, info.sha or request.revision or "main"):
         target = _target(request, remote)
         if target is not None and not target.exists():
             plan.append((remote, target))

@@ -12,7 +12,7 @@ _EXPORTS = {
     "Pipeline": ".pipeline", "Response": ".pipeline", "pipeline": ".pipeline",
     "PromptTooLongError": ".errors", "CheckpointError": ".errors", "ConfigError": ".errors",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (lazy names: the dict is the one list of them)
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -93,11 +93,11 @@ def _library() -> Optional[ctypes.CDLL]:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.puyu_linear_int4.restype = ctypes.c_int
-    lib.puyu_linear_int4.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
-                                     + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int])
+    int4_args: list[Any] = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+    lib.puyu_linear_int4.argtypes = int4_args + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.puyu_linear_int8.restype = ctypes.c_int
-    lib.puyu_linear_int8.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
-                                     + [ctypes.c_int])
+    int8_args: list[Any] = [ctypes.c_void_p, ctypes.c_int]
+    lib.puyu_linear_int8.argtypes = int8_args + [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.puyu_add_rmsnorm.restype = None
     lib.puyu_add_rmsnorm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.puyu_rope_write.restype = None

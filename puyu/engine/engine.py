@@ -13,7 +13,7 @@ import queue
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Callable, Generator, Optional, Union
 
 from ..config import EngineConfig, GenerationConfig
 from .llm_engine import LLMEngine, Prompt
@@ -80,7 +80,7 @@ class AsyncEngine:
         return self._stream(ids, gen_config, request_id)
 
     def stream_sync(self, prompt: Prompt, gen_config: Optional[GenerationConfig] = None,
-                    request_id: Optional[str] = None) -> Iterator[StreamOutput]:
+                    request_id: Optional[str] = None) -> Generator[StreamOutput, None, None]:
         """The same stream for synchronous callers (the pipeline); closing the iterator aborts the request."""
         ids, gen_config, request_id = self._prepare(prompt, gen_config, request_id)
         return self._stream_sync(ids, gen_config, request_id)
@@ -153,7 +153,8 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def _stream_sync(self, ids: list[int], gen_config: GenerationConfig, request_id: str) -> Iterator[StreamOutput]:
+    def _stream_sync(self, ids: list[int], gen_config: GenerationConfig,
+                     request_id: str) -> Generator[StreamOutput, None, None]:
         q: queue.Queue[StreamOutput] = queue.Queue()
         self._register(request_id, ids, gen_config, q.put)
         finished = False

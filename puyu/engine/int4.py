@@ -8,7 +8,7 @@ dequantised group-wise for each call (nothing dense is kept in memory).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -31,7 +31,7 @@ class Int4Linear:
         self.group_size = group_size
         self.in_features, self.out_features = qweight.shape[0], qweight.shape[1] * 8
         self.fused = fused
-        self._packed: dict[tuple, object] = {}  # per device/dtype: the kernel's packing, and its check
+        self._packed: dict[tuple, Any] = {}  # per device/dtype: the kernel's packing, and its check
 
     def __repr__(self) -> str:
         return (f"Int4Linear(in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "

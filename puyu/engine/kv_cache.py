@@ -125,6 +125,7 @@ class KVCacheStorage:
         q, scale, zero = kv_quant.quantize(x, QUANT_BITS[self.quant_policy], self.dtype)
         stored = q if self.quant_policy == 8 else kv_quant.pack_int4(q)
         data.index_copy_(0, slots, stored)
+        assert params is not None  # a quantised cache always has its parameter tensors
         self._flat(params, layer).index_copy_(0, slots, torch.stack([scale, zero], dim=-1))
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +144,7 @@ class KVCacheStorage:
         if self.quant_policy == 0:
             return stored
         q = stored if self.quant_policy == 8 else kv_quant.unpack_int4(stored)
+        assert params is not None  # a quantised cache always has its parameter tensors
         return kv_quant.dequantize(q, params[..., 0], params[..., 1], self.dtype)
 
     def read_blocks(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +175,7 @@ class KVCacheStorage:
         for name, data, params in (("k", self.k_data, self.k_params), ("v", self.v_data, self.v_params)):
             stored = self._flat(data, layer).index_select(0, slots)
             out[name] = stored if self.quant_policy == 8 else kv_quant.unpack_int4(stored)
+            assert params is not None  # a quantised cache always has its parameter tensors
             p = self._flat(params, layer).index_select(0, slots)
             out[name + "_scale"], out[name + "_zero"] = p[..., 0], p[..., 1]
         return out

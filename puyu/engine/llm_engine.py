@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 
@@ -42,7 +42,7 @@ def resolve_checkpoint(model_path: Union[str, Path, None]) -> Path:
 
     text = None if model_path is None else str(model_path)
     looks_local = isinstance(model_path, Path) or (text or "").startswith(("/", "./", "../", "~"))
-    if looks_local and not Path(text).expanduser().exists():
+    if text is not None and looks_local and not Path(text).expanduser().exists():
         raise CheckpointError(f"{text}: no such model directory or file")
     try:
         path = resolve_model_path(text)
@@ -105,9 +105,10 @@ class LLMEngine:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
+            messages = cast(list[dict], prompt)
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
         elif isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
+            ids = list(cast(list[int], prompt))
             self.tokenizer.check_ids(ids, "prompt token id")
         else:
             raise ValueError(f"prompt: must be a string, a list of token ids or a list of chat messages, "

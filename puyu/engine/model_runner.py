@@ -18,7 +18,7 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.device = model.device
 
-    def _tensor(self, xs: list[int]) -> torch.Tensor:
+    def _tensor(self, xs: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.int64, device=self.device)
 
     def run(self, step: list[ScheduledSeq]) -> torch.Tensor:

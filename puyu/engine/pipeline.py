@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Generator, Iterator, Optional, Union, cast
 
 from ..config import EngineConfig, GenerationConfig
 from .engine import AsyncEngine
@@ -69,7 +69,7 @@ class Pipeline:
     def __call__(self, prompts: Union[Prompt, list[Prompt]],
                  gen_config: Union[GenerationConfig, dict, list, None] = None) -> Union[Response, list[Response]]:
         single = _is_single(prompts)
-        batch = [prompts] if single else list(prompts)
+        batch = cast(list[Prompt], [prompts] if single else list(prompts))
         configs = _gen_configs(gen_config, len(batch))
         # tokenise every prompt first, so a bad one fails the call before anything runs
         streams = []
@@ -82,7 +82,7 @@ class Pipeline:
                 s.close()
         return responses[0] if single else responses
 
-    def _collect(self, streams: list[Iterator[StreamOutput]]) -> list[Response]:
+    def _collect(self, streams: list[Generator[StreamOutput, None, None]]) -> list[Response]:
         """Drain all streams at once (each in its own thread), so the requests share the engine's batches."""
         responses = [Response(text="", index=i) for i in range(len(streams))]
 
@@ -102,7 +102,7 @@ class Pipeline:
         """Response deltas (`index` says which prompt), in the order they come from the engine."""
         import queue
 
-        batch = [prompts] if _is_single(prompts) else list(prompts)
+        batch = cast(list[Prompt], [prompts] if _is_single(prompts) else list(prompts))
         configs = _gen_configs(gen_config, len(batch))
         streams = [self.engine.stream_sync(p, g) for p, g in zip(batch, configs)]
         q: queue.Queue = queue.Queue()

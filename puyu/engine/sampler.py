@@ -106,9 +106,9 @@ def sample(logits: torch.Tensor,
     for row, req in enumerate(requests):
         if not plain:
             tokens.append(_choose_or_fail(mask_stop_ids(apply_penalties(logits[row], req), req), req))
-        k = req.gen_config.logprobs
-        ok = not isinstance(tokens[row], SamplingFailed)
-        logprobs.append(token_logprobs(logits[row], tokens[row], k) if ok and k is not None else None)
+        k, token = req.gen_config.logprobs, tokens[row]
+        logprobs.append(token_logprobs(logits[row], token, k) if not isinstance(token, SamplingFailed) and k is not None
+                        else None)
     return tokens, logprobs
 
 

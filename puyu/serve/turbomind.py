@@ -92,48 +92,75 @@ def unavailable_reason() -> Optional[str]:
 
 
 class TurboMindEngine:
-    """Adapts `lmdeploy.pipeline` (TurboMind) to the `AsyncEngine` contract used by the server and the chat."""
+    """Adapts `lmdeploy.pipeline` (TurboMind) to the `AsyncEngine` contract used by the server and the chat.
 
-    def __init__(self, model_path: Union[str, Path], config: EngineConfig, model_name: Optional[str] = None):
-        from lmdeploy import pipeline
+    The tokenizer is puyu's own (the one the native engine uses, read from the same files): the server renders chat
+    templates, checks token ids and counts tokens with it, and TurboMind is always handed token ids, so both backends
+    see the same prompt. `stats()`: `waiting` counts requests that have not produced their first output yet (queued
+    or in prefill; LMDeploy's pipeline does not expose its queue), `running` those that have.
+    """
+
+    def __init__(self, model_path: Union[str, Path], config: EngineConfig, model_name: Optional[str] = None,
+                 pipe: Any = None):
+        """`pipe`: an already built LMDeploy pipeline (default: `lmdeploy.pipeline` on `model_path`)."""
+        from ..convert.spec import read_model_spec
+        from ..tokenizer import Tokenizer
 
         self.config = config
         self.model_path = Path(model_path)
-        self.pipe = pipeline(str(model_path), backend_config=turbomind_engine_config(config, self.model_path))
-        self.tokenizer = self.pipe.tokenizer
-        self.spec = None
+        if pipe is None:
+            from lmdeploy import pipeline
+
+            pipe = pipeline(str(model_path), backend_config=turbomind_engine_config(config, self.model_path))
+        self.pipe = pipe
+        self.spec = read_model_spec(self.model_path)
+        self.tokenizer = Tokenizer(self.model_path, self.spec.vocab_size, self.spec.eos_token_ids, self.spec.arch)
         self.model_name = model_name or self.model_path.name
         self.session_len = int(self.pipe.session_len)
         self._ids = itertools.count(1)
+        self._waiting = 0
         self._running = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"running": self._running, "waiting": 0}
+        return {"running": self._running, "waiting": self._waiting}
+
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        """Token ids of a prompt as the native engine makes them: a string, token ids, or chat messages."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
+        if isinstance(prompt, (list, tuple)) and prompt:
+            ids = list(prompt)
+            self.tokenizer.check_ids(ids, "prompt token id")
+            return ids
+        raise ValueError("prompt: expected a string, token ids or chat messages")
 
     async def generate(self, prompt: Any, gen_config: GenerationConfig,
                        request_id: Optional[str] = None) -> AsyncIterator[Any]:
         from puyu.engine import PromptTooLongError, StreamOutput
 
         session_id = next(self._ids)
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            kwargs: dict[str, Any] = {"messages": None, "input_ids": list(prompt)}
-            length = len(prompt)
-        else:
-            kwargs = {"messages": prompt, "do_preprocess": not isinstance(prompt, str)}
-            length = len(self.tokenizer.encode(prompt if isinstance(prompt, str) else
-                                               self.pipe.chat_template.messages2prompt(prompt)))
-        if length > self.session_len:
-            raise PromptTooLongError(length, self.session_len)
-        finished = False
-        self._running += 1
+        ids = self.prompt_ids(prompt)
+        if len(ids) > self.session_len:
+            raise PromptTooLongError(len(ids), self.session_len)
+        finished, started = False, False
+        self._waiting += 1
         try:
-            async for out in self.pipe.generate(session_id=session_id, gen_config=lmdeploy_generation_config(
-                    gen_config), sequence_start=True, sequence_end=True, **kwargs):
+            async for out in self.pipe.generate(messages=None, input_ids=ids, session_id=session_id,
+                                                gen_config=lmdeploy_generation_config(gen_config),
+                                                sequence_start=True, sequence_end=True):
+                if not started:
+                    started = True
+                    self._waiting, self._running = self._waiting - 1, self._running + 1
                 finished = out.finish_reason is not None
                 yield StreamOutput(text=out.response, token_ids=list(out.token_ids or []),
                                    finish_reason=out.finish_reason, input_token_len=out.input_token_len,
                                    generate_token_len=out.generate_token_len, logprobs=out.logprobs)
         finally:
-            self._running -= 1
+            if started:
+                self._running -= 1
+            else:
+                self._waiting -= 1
             if not finished:
                 await self.pipe.stop_session(session_id)

@@ -81,7 +81,8 @@ class AnalysisService:
 
 def _shared(build: Callable[[], Any]) -> ModelFactory:
     """One model built on first use (building a server model calls the server, so not at startup)."""
-    lock, box = threading.Lock(), []
+    lock = threading.Lock()
+    box: list[Any] = []
 
     def get() -> Any:
         with lock:

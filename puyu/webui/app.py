@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a server that may be offline
 
@@ -15,6 +15,9 @@ from .chat_tab import build_chat_tab  # noqa: E402
 from .personas import Persona, load_personas  # noqa: E402
 from .settings import ChatSettings  # noqa: E402
 
+if TYPE_CHECKING:  # the agent extra may be missing: the app then runs without the analysis tab
+    from .analysis import AnalysisService
+
 TITLE = "puyu · 浦语"
 
 
@@ -22,7 +25,7 @@ TITLE = "puyu · 浦语"
 class AppConfig:
     personas: list[Persona] = field(default_factory=load_personas)
     chat_defaults: ChatSettings = field(default_factory=ChatSettings)
-    analysis: Optional[object] = None  # an `AnalysisService` (analysis_tab.py); None: the tab explains why not
+    analysis: Optional[AnalysisService] = None  # (analysis.py); None: the tab explains why not
 
     def __post_init__(self) -> None:
         if not self.personas:
@@ -46,7 +49,7 @@ def build_app(backend: ChatBackend, config: Optional[AppConfig] = None) -> gr.Bl
     return app
 
 
-def _analysis_tab(service: Optional[object]) -> None:
+def _analysis_tab(service: Optional["AnalysisService"]) -> None:
     if service is None:
         gr.Markdown("The data-analysis agent is not available here: install the agent extra "
                     "(`pip install 'puyu[agent]'`).", elem_id="analysis-unavailable")

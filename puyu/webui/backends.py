@@ -7,7 +7,7 @@ the page.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Protocol
+from typing import Any, AsyncIterator, Optional, Protocol, cast
 
 from .settings import ChatSettings
 
@@ -85,7 +85,7 @@ class OpenAIBackend:
 
         try:
             stream = await self._client.chat.completions.create(
-                model=await self._model(), messages=messages, stream=True,
+                model=await self._model(), messages=cast(Any, messages), stream=True,
                 stream_options={"include_usage": True}, **settings.to_openai_kwargs())
             finish: Optional[str] = None
             async for event in stream:

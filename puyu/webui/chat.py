@@ -86,7 +86,7 @@ async def send(backend: ChatBackend, message: str, conv: Conversation,
         yield conv.display(), conv, "", format_error("type a message first"), message
         return
     conv.messages.append({"role": "user", "content": message})
-    async for chat, conv, status, error in stream_reply(backend, conv, settings):
+    async for chat, conv, status, error in stream_reply(backend, conv, settings):  # noqa: B020 (each yield is the new state)
         if error and conv.messages[-1] == {"role": "user", "content": message}:
             conv.messages.pop()
             yield conv.display(), conv, status, error, message

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, cast
 
 import gradio as gr
 
@@ -30,7 +30,7 @@ def build_chat_tab(backend: ChatBackend, personas: list[Persona], defaults: Chat
     gr.Markdown(f"Backend: {backend.description}", elem_id="chat-backend")
     with gr.Row():
         with gr.Column(scale=3):
-            chatbot = gr.Chatbot(value=first.display(), elem_id="chat-history", label="Chat", height=480,
+            chatbot = gr.Chatbot(value=cast(Any, first.display()), elem_id="chat-history", label="Chat", height=480,
                                  feedback_options=None, buttons=["copy", "copy_all"])
             message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, lines=1, max_lines=8,
                                  elem_id="chat-input")

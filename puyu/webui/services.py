@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..config import EngineConfig
 from .backends import ChatBackend, EngineBackend, OpenAIBackend
+
+if TYPE_CHECKING:  # the agent extra may be missing
+    from .analysis import AnalysisService
 
 
 def make_chat_backend(model: Optional[str], api_url: Optional[str], api_key: Optional[str] = None,
@@ -27,7 +30,7 @@ def make_chat_backend(model: Optional[str], api_url: Optional[str], api_key: Opt
 
 
 def make_analysis_service(backend: ChatBackend, agent_model: Optional[str] = None,
-                          runs_root: Optional[Path] = None) -> Optional[object]:
+                          runs_root: Optional[Path] = None) -> Optional["AnalysisService"]:
     """The data-analysis agent: on the chat's model, or on `agent_model` ('replay:FILE' replays a recorded
     transcript, as `puyu agent run --model replay:FILE` does). None when the agent extra is not installed."""
     try:

@@ -19,7 +19,7 @@ def test_engine_bench_exact_token_counts(internlm2_checkpoint, tmp_path):
     assert s["config"]["engine"]["num_threads"] == 2
     assert 1 <= s["max_concurrent_requests"] <= 3
     lines = (tmp_path / "eng.requests.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and all(sum(n for _, n in json.loads(l)["chunks"]) == 7 for l in lines)
+    assert len(lines) == 6 and all(sum(n for _, n in json.loads(line)["chunks"]) == 7 for line in lines)
     assert (tmp_path / "eng.cdf.png").exists()
 
 

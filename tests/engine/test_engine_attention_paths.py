@@ -55,7 +55,7 @@ def test_mixed_step_matches_reference(kernels):
     # (name, start, n): rows follow in this order
     items = [("d0", 6, 1), ("f0", 0, 5), ("c", 3, 6), ("d1", 10, 1), ("f1", 0, 5)]
     rows, row = {}, 0
-    for name, start, n in items:
+    for name, _, n in items:
         rows[name] = list(range(row, row + n))
         row += n
     q = torch.randn(row, HQ, D, generator=torch.Generator().manual_seed(1))
@@ -70,7 +70,7 @@ def test_mixed_step_matches_reference(kernels):
                            block_table=torch.tensor([[7, 8, 0], [9, 10, 11]]),
                            mask=(torch.arange(3 * BS)[None, :] < lens[:, None])[:, None, None, :], lens=lens))
     out = paged_attention(0, q, cache, batch, kernels)
-    for name, start, n in items:
+    for name, start, _ in items:
         r = torch.tensor(rows[name])
         expect = _reference(q[r], cache, slots[name], start)
-        torch.testing.assert_close(out[r], expect, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(out[r], expect, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
