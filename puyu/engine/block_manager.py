@@ -85,7 +85,6 @@ class BlockManager:
             seq.block_table.append(block_id)
         seq.num_computed = len(cached) * self.block_size
         del seq.block_hashes[len(cached):]
-        seq.num_cached_prompt_tokens = seq.num_computed
         if self.enable_prefix_caching:
             self.stats.queries += 1
             self.stats.query_tokens += len(seq)
@@ -117,9 +116,6 @@ class BlockManager:
             block.hash, block.tokens = None, ()
         block.ref_count = 1
         return block_id
-
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self.free)
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow the block table of `seq` to hold `num_tokens` tokens; False (nothing taken) if blocks run short."""

@@ -179,15 +179,3 @@ class KVCacheStorage:
             p = self._flat(params, layer).index_select(0, slots)
             out[name + "_scale"], out[name + "_zero"] = p[..., 0], p[..., 1]
         return out
-
-    def copy_blocks(self, src: Sequence[int], dst: Sequence[int]) -> None:
-        """Copy whole blocks `src[i]` -> `dst[i]` in every layer (data and quantisation parameters)."""
-        if len(src) != len(dst):
-            raise ValueError(f"src and dst must have the same length, got {len(src)} and {len(dst)}")
-        if not len(src):
-            return
-        s = torch.as_tensor(list(src), dtype=torch.int64, device=self.device)
-        d = torch.as_tensor(list(dst), dtype=torch.int64, device=self.device)
-        for t in (self.k_data, self.v_data, self.k_params, self.v_params):
-            if t is not None:
-                t[:, d] = t[:, s]

@@ -129,7 +129,7 @@ class LLMEngine:
         stop = set(gen_config.stop_token_ids or ())
         if not gen_config.ignore_eos:
             stop |= set(self.tokenizer.stop_token_ids)
-        seq = Sequence(request_id, list(prompt_ids), gen_config, self.session_len,
+        seq = Sequence(request_id, list(prompt_ids), gen_config,
                        generator=None if gen_config.greedy else make_generator(gen_config.random_seed))
         text = TextStream(self.tokenizer, gen_config.skip_special_tokens, gen_config.stop_words)
         self.requests[request_id] = _Request(seq, text, frozenset(stop))

@@ -34,12 +34,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def find(self, request_id: str) -> Optional[Sequence]:
-        for seq in list(self.running) + list(self.waiting):
-            if seq.request_id == request_id:
-                return seq
-        return None
-
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove `seq` (running or waiting) and release its blocks."""
         if seq in self.running:

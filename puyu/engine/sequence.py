@@ -24,14 +24,12 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     gen_config: GenerationConfig
-    max_len: int  # session_len: the sequence never grows beyond it
     generator: Optional[torch.Generator] = None
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full computed blocks
-    num_cached_prompt_tokens: int = 0  # prefix-cache hit at the last admission
     arrival: int = field(default_factory=lambda: next(_arrival))
     finish_reason: Optional[str] = None
     preemptions: int = 0

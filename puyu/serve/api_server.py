@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from .chat_api import ChatCompletion
 from .completions_api import Completion
 from .errors import APIError, from_validation_errors
@@ -66,7 +67,7 @@ def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence
     served = model_name or engine.model_name
     metrics = ServerMetrics(getattr(engine, "stats", None))
 
-    app = FastAPI(title="puyu", description="OpenAI-compatible API for InternLM chat models", version="0.1.0")
+    app = FastAPI(title="puyu", description="OpenAI-compatible API for InternLM chat models", version=__version__)
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, served
     _install_error_handlers(app)
 

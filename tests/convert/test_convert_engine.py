@@ -28,7 +28,7 @@ def engine_logits(spec, weights, prompts) -> torch.Tensor:
     model = DecoderModel(spec, weights, torch.device("cpu"))
     cache = KVCacheStorage(spec.num_layers, 16, 16, spec.num_kv_heads, spec.head_dim, torch.float32, "cpu")
     bm = BlockManager(16, 16)
-    seqs = [Sequence(str(i), p, GenerationConfig(), 4096) for i, p in enumerate(prompts)]
+    seqs = [Sequence(str(i), p, GenerationConfig()) for i, p in enumerate(prompts)]
     for s in seqs:
         assert bm.allocate(s, len(s))
     return ModelRunner(model, cache).run([ScheduledSeq(s, 0, len(s)) for s in seqs])

@@ -10,7 +10,7 @@ BS = 4
 
 
 def seq(tokens, rid="r"):
-    return Sequence(rid, list(tokens), GenerationConfig(), 1000)
+    return Sequence(rid, list(tokens), GenerationConfig())
 
 
 def run_prefill(bm: BlockManager, s: Sequence) -> None:

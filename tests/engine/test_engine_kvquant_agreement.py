@@ -50,7 +50,7 @@ def _sequences(prompts: list[list[int]], max_len: int = PROMPT_LEN + NEW_TOKENS,
     blocks = math.ceil(max_len / block)
     seqs = []
     for i, p in enumerate(prompts):
-        s = Sequence(f"kvq-{i}", list(p), GenerationConfig(), max_len=max_len)
+        s = Sequence(f"kvq-{i}", list(p), GenerationConfig())
         s.block_table = list(range(i * blocks, (i + 1) * blocks))
         seqs.append(s)
     return seqs
@@ -157,7 +157,7 @@ def test_k_is_quantised_after_rotary(checkpoint, prompts):
 
     engine = _engine(checkpoint, 8)
     prompt = prompts[0]
-    seq = Sequence("rot", list(prompt), GenerationConfig(), max_len=PROMPT_LEN + 1)
+    seq = Sequence("rot", list(prompt), GenerationConfig())
     seq.block_table = [3, 0, 5]  # out of order on purpose
     engine.runner.run([ScheduledSeq(seq, 0, PROMPT_LEN)])
     stored = engine.cache.read_quantized(0, slots_for(seq.block_table, 0, PROMPT_LEN, BLOCK))

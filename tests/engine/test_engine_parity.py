@@ -59,7 +59,7 @@ def test_last_token_logits_match_transformers(case, kernels):
     model = DecoderModel(spec, {k: v.to(device) for k, v in weights.items()}, device, kernels.split("-")[0])
     cache = KVCacheStorage(spec.num_layers, 32, 16, spec.num_kv_heads, spec.head_dim, dtype, device)
     bm = BlockManager(32, 16)
-    seqs = [Sequence(str(i), p, GenerationConfig(), 4096) for i, p in enumerate(prompts)]
+    seqs = [Sequence(str(i), p, GenerationConfig()) for i, p in enumerate(prompts)]
     for s in seqs:
         assert bm.allocate(s, len(s))
     # one flattened step over sequences of mixed lengths, then one batched decode step
