@@ -101,6 +101,7 @@ class GenerationConfig:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: Optional[int] = None  # None: none; 0: the chosen token's; k: also the top-k alternatives
+    cache_salt: Optional[str] = None  # prefix-cache namespace: cached blocks are shared only under the same salt
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,6 +131,8 @@ class GenerationConfig:
               "stop_token_ids", "must be a list of non-negative integers")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
               "logprobs", "must be between 0 and 20")
+        check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt != ""),
+              "cache_salt", "must be a non-empty string")
 
     @property
     def greedy(self) -> bool:

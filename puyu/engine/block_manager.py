@@ -34,6 +34,13 @@ def chain_hash(prev: Optional[int], tokens: tuple[int, ...]) -> int:
     return hash((prev, tokens))
 
 
+def chain_root(seq: Sequence) -> Optional[int]:
+    """Where the hash chain of `seq` starts: its cache salt (tenant, API key) is folded into the first block's hash,
+    so requests under different salts never share (or learn of) each other's cached blocks."""
+    salt = seq.gen_config.cache_salt
+    return None if salt is None else hash(("cache_salt", salt))
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
@@ -61,7 +68,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         found: list[int] = []
-        prev: Optional[int] = None
+        prev = chain_root(seq)
         seq.block_hashes = []
         bs = self.block_size
         for b in range((len(seq) - 1) // bs):
@@ -100,7 +107,7 @@ class BlockManager:
         for b in range(len(seq.block_hashes), full):
             block = self.blocks[seq.block_table[b]]
             tokens = tuple(seq.token_at(b * bs, (b + 1) * bs))
-            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else chain_root(seq), tokens)
             seq.block_hashes.append(h)
             if block.hash is None and h not in self.by_hash:
                 block.hash, block.tokens = h, tokens

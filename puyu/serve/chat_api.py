@@ -14,7 +14,7 @@ from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest
 from .responses import (ChoiceState, chat_logprobs, new_id, now, run_until_disconnect, sse, sse_body, sse_response,
                         usage)
-from .runner import Job, collect, merged, start
+from .runner import Job, cache_salt, collect, merged, start
 from .tools import ParsedReply, ToolStreamParser, forced_prefix, parse_reply, strip_end_markers, to_internlm2_messages
 
 
@@ -58,7 +58,8 @@ class ChatCompletion:
         # rendering and tokenising a long conversation takes a while: off the event loop, so /health and the other
         # requests' streams go on meanwhile
         prompt_ids, self.prefix = await asyncio.to_thread(render_prompt, self.engine.tokenizer, self.req)
-        streams = await start(self.engine, self._jobs(prompt_ids), self.id, self.metrics)
+        streams = await start(self.engine, self._jobs(prompt_ids), self.id, self.metrics,
+                              salt=cache_salt(request.scope, self.req.cache_salt))
         if self.req.stream:
             return sse_response(self._stream(streams))
         return await run_until_disconnect(request, self._whole(streams), self.metrics)

@@ -11,7 +11,7 @@ from .metrics import ServerMetrics
 from .protocol import CompletionRequest
 from .responses import (ChoiceState, completion_logprobs, new_id, now, run_until_disconnect, sse, sse_body,
                         sse_response, usage)
-from .runner import Job, collect, merged, start
+from .runner import Job, cache_salt, collect, merged, start
 
 
 class Completion:
@@ -50,7 +50,8 @@ class Completion:
             jobs = self._jobs()
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt", code="invalid_value") from None
-        streams = await start(self.engine, jobs, self.id, self.metrics, prompt_field="prompt")
+        streams = await start(self.engine, jobs, self.id, self.metrics, prompt_field="prompt",
+                              salt=cache_salt(request.scope, self.req.cache_salt))
         if self.req.stream:
             return sse_response(self._stream(streams))
         return await run_until_disconnect(request, self._whole(streams), self.metrics)

@@ -4,8 +4,9 @@ whatever the body) and the per-endpoint request counter of /metrics."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
 
 from .errors import APIError
@@ -45,6 +46,11 @@ def default_allowed_hosts(server_name: str) -> Optional[list[str]]:
     return sorted({*LOCAL_HOSTS, host_name(server_name)})
 
 
+def tenant(scope: Mapping[str, Any]) -> Optional[str]:
+    """Who sent the request, as the API-key check established it (a digest of the key); None without keys."""
+    return scope.get("state", {}).get("puyu_tenant")
+
+
 def _bearer(scope: dict) -> str:
     for name, value in scope.get("headers", []):
         if name == b"authorization":
@@ -74,6 +80,9 @@ class APIKeyMiddleware:
                            "invalid API key", code="invalid_api_key")
             await err.response(headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
+        if scope["type"] == "http" and self.keys:
+            digest = hashlib.sha256(_bearer(scope).encode()).hexdigest()[:32]
+            scope.setdefault("state", {})["puyu_tenant"] = digest
         await self.app(scope, receive, send)
 
 

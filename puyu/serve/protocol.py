@@ -186,6 +186,7 @@ class _Sampling(_Strict):
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
+    cache_salt: Optional[str] = Field(default=None, min_length=1, max_length=256)  # vLLM's: a prefix-cache namespace
     user: Optional[str] = Field(default=None, description="Recorded in the server log with the request id.")
     # LMDeploy's extras
     top_k: Optional[int] = Field(default=None, ge=0)

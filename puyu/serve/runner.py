@@ -7,15 +7,17 @@ task cancelled) closes every engine iterator at once, which aborts the requests 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, AsyncIterator, Mapping, Optional, Sequence
 
 import anyio
 
 from ..config import ConfigError, GenerationConfig
 from .errors import APIError, bad_request, engine_failure
 from .metrics import RequestTimer, ServerMetrics
+from .middleware import tenant
 from .responses import ChoiceState
 
 
@@ -74,9 +76,22 @@ def engine_error(exc: BaseException, prompt_field: str = "messages") -> APIError
     return engine_failure(f"{type(exc).__name__}: {exc}")
 
 
+def cache_salt(scope: Mapping[str, Any], requested: Optional[str]) -> Optional[str]:
+    """The prefix-cache namespace of a request: its API key's tenant (under --api-keys, so one key's cached prompts
+    can neither be reused nor timed by another), refined by the request's own `cache_salt`."""
+    who = tenant(scope)
+    if who is None:
+        return requested
+    return who if requested is None else f"{who}/{requested}"
+
+
 async def start(engine: Any, jobs: Sequence[Job], request_id: str, metrics: ServerMetrics,
-                prompt_field: str = "messages") -> list[ChoiceStream]:
-    """Submit every job and wait for its first output; on any failure abort the others and raise APIError."""
+                prompt_field: str = "messages", salt: Optional[str] = None) -> list[ChoiceStream]:
+    """Submit every job and wait for its first output; on any failure abort the others and raise APIError.
+    `salt`: the prefix-cache namespace given to every job (see `cache_salt`)."""
+    if salt is not None:
+        jobs = [dataclasses.replace(job, gen_config=dataclasses.replace(job.gen_config, cache_salt=salt))
+                for job in jobs]
     started: list[ChoiceStream] = []
     t0 = time.perf_counter()
     try:

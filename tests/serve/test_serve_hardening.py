@@ -245,6 +245,43 @@ def test_serve_api_keys_protect_metrics_docs_and_schema(engine):
         assert httpx.get(srv.url + "/health").status_code == 200  # open for probes (documented)
 
 
+def _prompt_hits(engine, srv, key: str, prompt: list[int], salt=None) -> int:
+    """Prefix-cache blocks found for one completion of `prompt` sent with API key `key`."""
+    before = engine.stats()["prefix_cache_hit_tokens"]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, **({"cache_salt": salt} if salt else {})}
+    resp = httpx.post(srv.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return engine.stats()["prefix_cache_hit_tokens"] - before
+
+
+def test_serve_prefix_cache_is_isolated_per_api_key(engine):
+    """Another key's cached prompt is neither reused nor visible (no hit, so no TTFT gap and no /metrics hit)."""
+    secret = list(range(100, 100 + 3 * 16 + 5))  # three full blocks of 16 and a tail
+    with ServerThread(create_app(engine, model_name=MODEL, api_keys=["alice", "mallory"])) as srv:
+        assert _prompt_hits(engine, srv, "alice", secret) == 0
+        assert _prompt_hits(engine, srv, "mallory", secret) == 0  # alice's blocks stay hers
+        assert _prompt_hits(engine, srv, "alice", secret) == 48  # but alice still reuses them
+        assert _prompt_hits(engine, srv, "alice", secret, salt="project-b") == 0  # vLLM's cache_salt refines it
+        assert _prompt_hits(engine, srv, "alice", secret, salt="project-b") == 48
+
+
+def test_block_manager_shares_blocks_only_under_the_same_salt():
+    from puyu.config import GenerationConfig
+    from puyu.engine.block_manager import BlockManager
+    from puyu.engine.sequence import Sequence
+
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    tokens = list(range(1, 11))
+    first = Sequence("a", tokens, GenerationConfig(cache_salt="t1"))
+    bm.admit(first, bm.match_prefix(first))
+    assert bm.allocate(first, len(tokens))
+    first.num_computed = len(tokens)
+    bm.register_full_blocks(first)
+    for salt, expect in (("t1", 2), ("t2", 0), (None, 0)):
+        seq = Sequence(f"b-{salt}", tokens, GenerationConfig(cache_salt=salt))
+        assert len(bm.match_prefix(seq)) == expect, salt
+
+
 # ---- 13: strict fields, framing, body read timeout ----------------------------------------------------------------
 @pytest.mark.parametrize("path,extra,param", [
     ("/v1/chat/completions", {"max_tokens": "10"}, "max_tokens"),
