@@ -1,6 +1,6 @@
 """The sandbox's reaper: a tiny process between `Sandbox` and the worker that outlives every process of the run.
 
-Started as `python -I -S -c <this file's text> WORKER_ARGV...` (standard library only). It makes itself a child
+Started as `python -I -S -c <this file's text> [--cgroup-procs FILES] WORKER_ARGV...` (standard library only). It makes itself a child
 subreaper, so every process the worker starts stays its descendant whatever it does (`setsid`, double fork, the
 worker's own death). Invariant: when the worker exits, the reaper gets SIGTERM/SIGHUP (the parent's `close()`) or
 its parent dies, every descendant is stopped, then killed and reaped before it exits.
@@ -67,7 +67,22 @@ def kill_tree(root: int) -> None:
             continue
 
 
+def join_cgroups(argv: list) -> list:
+    """`--cgroup-procs F1,F2 WORKER_ARGV...`: move this process into the run's cgroups (before anything is forked,
+    so every process of the run is counted) and return WORKER_ARGV."""
+    if len(argv) < 2 or argv[0] != "--cgroup-procs":
+        return argv
+    for procs in argv[1].split(","):
+        try:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as exc:
+            sys.exit(f"reaper: cannot join the run's cgroup {procs}: {exc}")
+    return argv[2:]
+
+
 def main() -> None:
+    worker_argv = join_cgroups(sys.argv[1:])
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
         sys.exit("reaper: cannot become a child subreaper")
@@ -83,7 +98,7 @@ def main() -> None:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_DFL)
-            os.execv(sys.argv[1], sys.argv[1:])
+            os.execv(worker_argv[0], worker_argv)
         finally:
             os._exit(127)
     alive = [True]

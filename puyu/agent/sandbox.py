@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .cgroup import RunCgroup, create_run_cgroup
+
 WORKER_SOURCE = Path(__file__).with_name("worker.py")
 REAPER_SOURCE = Path(__file__).with_name("reaper.py")
 
@@ -54,12 +56,14 @@ class SandboxConfig:
     use_landlock: bool = True
     use_seccomp: bool = True  # x86_64: no unix/raw/netlink sockets, no chmod/chown/utime/xattr (see worker.py)
     restrict_reads: bool = True  # with Landlock: reads only from system/Python paths and the run folder
+    use_cgroup: bool = True  # memory_mb and max_processes for the whole run, where a cgroup can be made (cgroup.py)
+    max_processes: int = 128  # processes and threads of the run together (the cgroup's pids.max)
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "interrupt_grace_s", "start_timeout_s"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be a positive number, got {getattr(self, name)!r}")
-        for name in ("memory_mb", "output_limit_bytes", "file_size_mb"):
+        for name in ("memory_mb", "output_limit_bytes", "file_size_mb", "max_processes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
 
@@ -67,7 +71,7 @@ class SandboxConfig:
 @dataclass
 class CellResult:
     cell: int
-    status: str  # ok | error | timeout | output_limit | crashed
+    status: str  # ok | error | timeout | output_limit | memory_limit | crashed
     output: str
     error: Optional[str] = None
     figures: list[str] = field(default_factory=list)
@@ -122,6 +126,7 @@ class Sandbox:
         self._tmp = Path(tempfile.mkdtemp(prefix="puyu-sandbox-"))
         self._proc: Optional[subprocess.Popen] = None
         self._control: Optional[int] = None
+        self._cgroup: Optional[RunCgroup] = None  # the running worker's, created and removed with it
         self._cells = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -153,9 +158,11 @@ class Sandbox:
                "block_network": self.config.block_network, "use_namespaces": self.config.use_namespaces,
                "use_landlock": self.config.use_landlock, "use_seccomp": self.config.use_seccomp, "reaper": True,
                "restrict_reads": self.config.restrict_reads}
+        run_limits = self._make_cgroup()
+        join = ["--cgroup-procs", ",".join(self._cgroup.procs_files)] if self._cgroup else []
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", REAPER_SOURCE.read_text(),
+                [sys.executable, "-I", "-S", "-c", REAPER_SOURCE.read_text(), *join,
                  sys.executable, "-I", "-c", WORKER_SOURCE.read_text(), json.dumps(cfg)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=[write_fd],
                 cwd=self.workdir, env=self._worker_env(), start_new_session=True)
@@ -163,8 +170,19 @@ class Sandbox:
             os.close(write_fd)
         self._control = read_fd
         ready = self._read_ready()
-        self.isolation = ready["isolation"]
+        self.isolation = {**ready["isolation"], "run_limits": run_limits}
         return self.isolation
+
+    def _make_cgroup(self) -> dict:
+        """The run's cgroup (memory and process caps over all its processes), or why there is none."""
+        if not self.config.use_cgroup:
+            return {"cgroup": None, "reason": "switched off (use_cgroup=False): per-process rlimits only"}
+        self._cgroup, how = create_run_cgroup(self.config.memory_mb * 2**20, self.config.max_processes)
+        return self._cgroup.describe() if self._cgroup else {"cgroup": None, "reason": how}
+
+    def memory_limit_hit(self) -> bool:
+        """Whether the run's cgroup memory cap killed one of its processes (False without a cgroup)."""
+        return self._cgroup is not None and self._cgroup.oom_killed()
 
     def _worker_env(self) -> dict[str, str]:
         """A minimal environment: nothing of the parent's (tokens, proxies, keys) reaches user code."""
@@ -230,6 +248,10 @@ class Sandbox:
         if self._control is not None:
             os.close(self._control)
             self._control = None
+        group, self._cgroup = self._cgroup, None
+        if group is not None:
+            group.kill_all()  # belt and braces: the reaper has killed the tree; nothing of the run may remain
+            group.remove()
 
     # ------------------------------------------------------------------------------------------- cells
     def run(self, code: str, timeout_s: Optional[float] = None) -> CellResult:
@@ -348,6 +370,9 @@ class _CellWaiter:
             return f"TimeoutError: the cell ran longer than {self.timeout_s:g} s and was stopped"
         if reason == "output_limit":
             return f"OutputLimitError: the cell printed more than {self.cfg.output_limit_bytes} bytes and was stopped"
+        if reason == "memory_limit":
+            return (f"MemoryError: the run used more than its {self.cfg.memory_mb} MiB (all its processes together) "
+                    f"and the interpreter was killed")
         return "WorkerCrash: the interpreter process died (out of memory, a crash or os._exit)"
 
     def _figures(self, result: dict) -> list[str]:
@@ -368,6 +393,8 @@ class _CellWaiter:
 
     def _finish_dead(self, reason: str, message: Optional[str] = None) -> CellResult:
         self.sb._terminate()
+        if reason == "crashed" and self.sb.memory_limit_hit():
+            reason = "memory_limit"
         self._drain_output()
         self.sb._kill()
         error = (message or self._limit_message(reason)) + "; the interpreter was restarted and all variables were lost"

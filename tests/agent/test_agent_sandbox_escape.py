@@ -188,3 +188,40 @@ def test_figure_symlinks_are_not_returned(tmp_path):
                    f"        os.write(f, (json.dumps({{'cell': {cell}, 'error': None, 'figures': [{str(link)!r}]}})"
                    " + '\\n').encode())\n    except OSError:\n        pass\nimport time; time.sleep(0.5)")
     assert link.is_symlink() and r.figures == []
+
+
+def _cgroup_or_skip(sb: Sandbox) -> dict:
+    limits = sb.start()["run_limits"]
+    if limits["cgroup"] is None:
+        sb.close()
+        pytest.skip(f"no per-run cgroup on this machine: {limits['reason']}")
+    return limits
+
+
+def test_memory_cap_counts_the_whole_run(tmp_path):
+    """A memfd (not address space: RLIMIT_AS does not see it) and two children each under the per-process cap
+    together exceed the run's cap: the run's cgroup kills it and the cell says why."""
+    sb = Sandbox(tmp_path / "w", config=SandboxConfig(timeout_s=120, memory_mb=256))
+    assert _cgroup_or_skip(sb)["memory_bytes"] == 256 * 2**20
+    r = sb.run("import os\nfd = os.memfd_create('x')\nchunk = b'a' * 2**20\n"
+               "for _ in range(1024):\n    os.write(fd, chunk)\nprint('wrote 1 GiB')")
+    assert r.status == "memory_limit" and "wrote 1 GiB" not in r.output and "256 MiB" in r.error
+    r = sb.run("import subprocess, sys\n"
+               "kids = [subprocess.Popen([sys.executable, '-c', 'b = bytearray(150 * 2**20); import time; "
+               "time.sleep(30)']) for _ in range(3)]\n"
+               "[k.wait() for k in kids]\nprint('codes', [k.returncode for k in kids])")
+    assert r.status == "ok" and "-9" in r.output, r.output  # a child over the shared cap is killed, the run goes on
+    sb.close()
+
+
+def test_process_cap_counts_the_whole_run(tmp_path):
+    sb = Sandbox(tmp_path / "w", config=SandboxConfig(timeout_s=120, max_processes=24))
+    assert _cgroup_or_skip(sb)["pids_max"] == 24
+    r = sb.run("import os, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n"
+               "            time.sleep(20)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n"
+               "    print('refused after', n, type(e).__name__)")
+    assert r.status == "ok" and "refused after" in r.output and "BlockingIOError" in r.output, r.output
+    assert int(r.output.split()[2]) < 24
+    groups = [Path(f).parent for f in sb._cgroup.procs_files]
+    sb.close()
+    assert not any(g.exists() for g in groups)  # the run's cgroups are removed with it
