@@ -18,11 +18,12 @@ __all__ = ["ServerProcess", "ServerThread", "free_port", "load_shards", "offline
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread (a context manager)."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, **uvicorn_options: Any):
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **uvicorn_options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -18,6 +18,7 @@ from .. import __version__
 from .chat_api import ChatCompletion
 from .completions_api import Completion
 from .errors import APIError, from_validation_errors
+from .http_protocol import DEFAULT_HEADER_TIMEOUT, with_header_timeout
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, APIKeyMiddleware, RequestCountMiddleware,
                          RequestGuardMiddleware)
@@ -117,10 +118,15 @@ def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence
     return app
 
 
+def uvicorn_options(header_timeout: float = DEFAULT_HEADER_TIMEOUT) -> dict[str, Any]:
+    """How puyu runs uvicorn: request line + headers at most 64 KiB and `header_timeout` seconds (slowloris; the body
+    has its own limit and timeout), idle keep-alive connections closed after 30 s."""
+    return {"http": with_header_timeout(header_timeout), "h11_max_incomplete_event_size": 64 * 1024,
+            "timeout_keep_alive": 30}
+
+
 def run_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Serve until interrupted."""
     import uvicorn
 
-    # h11_max_incomplete_event_size: request line + headers at most 64 KiB (the body has its own limit and timeout)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30,
-                h11_max_incomplete_event_size=64 * 1024)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options())

@@ -318,3 +318,54 @@ def test_serve_slow_body_times_out_with_408(server):
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert time.perf_counter() - t0 < 5  # body_timeout=1.0
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def _recv_all(sock, wait: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection (or `wait` seconds), and when it closed."""
+    sock.settimeout(wait)
+    start, data = time.monotonic(), b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except socket.timeout:
+        return data, float("inf")
+    return data, time.monotonic() - start
+
+
+def _read_response(sock) -> bytes:
+    """One whole HTTP response (headers and a Content-Length body) from a kept-alive connection."""
+    sock.settimeout(20)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
+def test_serve_slow_headers_time_out_with_408(engine):
+    """Slowloris: a client that trickles its request line and headers is cut off after the header deadline, on a
+    fresh connection and on a kept-alive one; a normal request on the same server is unaffected."""
+    from puyu.serve.api_server import uvicorn_options
+
+    with ServerThread(create_app(engine, model_name=MODEL), **uvicorn_options(header_timeout=1.5)) as srv:
+        fresh = socket.create_connection(("127.0.0.1", srv.port))
+        fresh.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.5)
+        fresh.sendall(b"X-Slow: 1\r\n")  # bytes keep coming, but the headers never end
+        data, closed_after = _recv_all(fresh, 20)
+        assert data.startswith(b"HTTP/1.1 408") and closed_after < 10, (data, closed_after)
+
+        kept = socket.create_connection(("127.0.0.1", srv.port))
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        first = _read_response(kept)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        time.sleep(2.0)  # idle longer than the header deadline: keep-alive (30 s) is what bounds idleness
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert _read_response(kept).startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /health HTTP/1.1\r\n")  # a second request that never finishes its headers
+        data, closed_after = _recv_all(kept, 20)
+        assert data.startswith(b"HTTP/1.1 408") and closed_after < 10, (data, closed_after)
+        assert httpx.get(srv.url + "/health").status_code == 200
