@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -18,22 +17,10 @@ from typing import Optional
 
 import torch
 
-# InternLM2's protocol tokens, in the order of their ids in the real vocabulary (92538..92543).
-PROTOCOL_TOKENS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
-BASE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+from .chat_templates import INTERNLM2_CHAT_TEMPLATE, PROTOCOL_TOKENS
+from .paths import cache_root
 
-# The InternLM2 chat template (../shared/spec/internlm2-protocol.md), as jinja for tokenizer_config.json.
-INTERNLM2_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% set name = message.get('name') %}"
-    "{% if name in ['plugin', 'interpreter'] and message['role'] != 'user' %}"
-    "{% set name = '<|' + name + '|>' %}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] }}{% if name %}{{ ' name=' + name }}{% endif %}"
-    "{{ '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+BASE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
 _CORPUS = """
 InternLM2 is a family of open chat models. puyu serves them with a paged KV cache and continuous batching.
@@ -70,10 +57,6 @@ PUYU_TINY_SHAPE = TinyShape(hidden_size=256, num_hidden_layers=4, num_attention_
                             intermediate_size=688, max_position_embeddings=4096)
 TOKENIZER_VOCAB = 1024
 ARCHITECTURES = {"internlm2": "InternLM2ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PUYU_CACHE", Path.home() / ".cache" / "puyu"))
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB) -> int:

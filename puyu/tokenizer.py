@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .convert.spec import CheckpointError
-from .tiny import INTERNLM2_CHAT_TEMPLATE
+from .chat_templates import INTERNLM2_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 

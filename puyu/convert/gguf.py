@@ -176,7 +176,7 @@ def _source_key(path: Path) -> str:
 
 def gguf_model_dir(path: Path | str, cache: Optional[Path] = None) -> Path:
     """The sidecar directory of a GGUF file, written on first use (atomically: never half there)."""
-    from ..tiny import cache_root
+    from ..paths import cache_root
     from .outdir import atomic_directory
 
     path = Path(path).expanduser().resolve()

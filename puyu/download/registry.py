@@ -82,8 +82,10 @@ class ModelEntry:
 
 
 def models_dir() -> Path:
-    """`configs/models` of this checkout."""
-    return Path(__file__).resolve().parents[2] / "configs" / "models"
+    """The registry's folder: `configs/models` (package data, see puyu/paths.py)."""
+    from ..paths import configs_dir
+
+    return configs_dir() / "models"
 
 
 _REQUIRED = ("name", "display_name", "architecture", "chat_template")

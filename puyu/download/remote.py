@@ -86,7 +86,7 @@ def local_copy(entry: ModelEntry) -> Optional[Path]:
     if packaged is not None:
         return packaged
     if entry.builtin:
-        from ..tiny import cache_root
+        from ..paths import cache_root
 
         path = cache_root() / "models" / entry.name
         return path if is_complete_model(path) else None

@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from ..tiny import INTERNLM2_CHAT_TEMPLATE
+from ..chat_templates import INTERNLM2_CHAT_TEMPLATE
 from ..tokenizer import render_chat
 from .errors import engine_failure
 from .metrics import ServerMetrics

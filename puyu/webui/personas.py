@@ -12,7 +12,9 @@ from typing import Optional
 
 import yaml
 
-DEFAULT_PERSONA_DIR = Path(__file__).resolve().parents[2] / "configs" / "personas"
+from ..paths import configs_dir
+
+DEFAULT_PERSONA_DIR = configs_dir() / "personas"
 
 
 @dataclass(frozen=True)

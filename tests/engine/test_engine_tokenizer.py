@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from puyu.convert.spec import CheckpointError
-from puyu.tiny import INTERNLM2_CHAT_TEMPLATE
+from puyu.chat_templates import INTERNLM2_CHAT_TEMPLATE
 from puyu.tokenizer import Tokenizer
 
 TEXT = "你好，我是书生·浦语，很高兴为你服务。Hello, how are you? 俺老猪是天蓬元帅下凡"

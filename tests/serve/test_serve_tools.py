@@ -11,7 +11,7 @@ import pytest
 from puyu.config import EngineConfig
 from puyu.serve.api_server import create_app
 from puyu.testing import ServerThread
-from puyu.tiny import INTERNLM2_CHAT_TEMPLATE
+from puyu.chat_templates import INTERNLM2_CHAT_TEMPLATE
 from puyu.tokenizer import render_chat
 from serve_testlib import scripted_checkpoint
 
