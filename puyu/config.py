@@ -27,24 +27,32 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A config field with what its command-line option needs: `help`, and optionally `type` (when the annotation
+    is a union) and `choices`. `puyu/serve/options.py` generates --field-name from these, so an option is added once."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class EngineConfig:
     """Options of the native engine (and, where they apply, of TurboMind)."""
 
-    quant_policy: int = 0
-    session_len: Optional[int] = None  # None: the model's max context
-    cache_block_seq_len: int = 64
-    # < 1.0: fraction of free memory for the KV cache; >= 1: an absolute number of blocks
-    cache_max_entry_count: Union[float, int] = 0.5
-    max_batch_size: int = 64
-    max_prefill_token_num: int = 2048  # token budget of one step (chunked prefill above it)
-    enable_prefix_caching: bool = True
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto: the checkpoint's dtype on cuda, float32 on cpu
-    tp: int = 1
-    num_threads: Optional[int] = None  # torch intra-op threads on cpu
-    # auto: puyu's own cpu kernels where they build (bf16-weight linears); torch: torch ops only (the reference)
-    kernels: str = "auto"
+    quant_policy: int = option(0, "KV cache quantisation: 8 (int8), 4 (int4), 0 (off)", choices=QUANT_POLICIES)
+    session_len: Optional[int] = option(None, "max tokens of one conversation (default: the model's context)",
+                                        type=int)
+    cache_block_seq_len: int = option(64, "tokens per KV block")
+    cache_max_entry_count: Union[float, int] = option(
+        0.5, "KV cache: a fraction of free memory (< 1) or a number of blocks (>= 1)", type=float)
+    max_batch_size: int = option(64, "sequences in one step at most")
+    max_prefill_token_num: int = option(2048, "token budget of one step (longer prompts are prefilled in chunks)")
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of earlier prompts with the same prefix")
+    device: str = option("cpu", "cpu | cuda | cuda:N")
+    dtype: str = option("auto", "auto (the checkpoint's dtype on cuda; bf16 where the cpu has AVX-512 BF16, else "
+                                "float32) | float32 | float16 | bfloat16", choices=DTYPES)
+    tp: int = option(1, "tensor parallel degree (TurboMind)", choices=(1, 2, 4, 8))
+    num_threads: Optional[int] = option(None, "torch threads on cpu (default: torch's)", type=int)
+    kernels: str = option("auto", "auto: puyu's cpu kernels where they build; torch: torch ops only (the reference)",
+                          choices=("auto", "torch"))
 
     def __post_init__(self) -> None:
         self.validate()

@@ -3,6 +3,7 @@ and the `--config FILE` that can hold them. Options given on the command line wi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,40 +11,43 @@ from typing import Any
 from ..config import ConfigError, EngineConfig
 
 BACKENDS = ("native", "turbomind")
-# argparse dest -> EngineConfig field
-ENGINE_ARGS = ("quant_policy", "session_len", "cache_max_entry_count", "cache_block_seq_len", "max_batch_size",
-               "max_prefill_token_num", "enable_prefix_caching", "device", "dtype", "tp", "num_threads",
-               "kernels")
+# argparse dest -> EngineConfig field: the same names
+ENGINE_ARGS = tuple(f.name for f in dataclasses.fields(EngineConfig))
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """MODEL, --backend, --config and the engine options (all default to None: 'not given')."""
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                        help="HF directory, TurboMind workspace, registry name, or nothing for puyu-tiny")
+                        help="HF directory, TurboMind workspace, GGUF file, registry name, or nothing for the default "
+                             "model")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="engine backend (default: turbomind when LMDeploy and a GPU are present, else native)")
     add_engine_options(parser)
 
 
+def _argparse_options(f: dataclasses.Field) -> dict[str, Any]:
+    """add_argument keywords for one EngineConfig field; default None ('not given': the file or the field wins)."""
+    meta = f.metadata
+    shown = f"{f.default}".lower() if isinstance(f.default, bool) else f"{f.default}"
+    text = meta.get("help", "")
+    options: dict[str, Any] = {"default": None, "help": text if "(default" in text else f"{text} (default: {shown})"}
+    if isinstance(f.default, bool):
+        options["action"] = argparse.BooleanOptionalAction
+        return options
+    options["type"] = meta.get("type") or type(f.default)
+    if "choices" in meta:
+        options["choices"] = list(meta["choices"])
+    return options
+
+
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """--config and the engine options (all default to None: 'not given'); also used by `puyu bench engine|latency`."""
+    """--config and the engine options, generated from EngineConfig's fields (all default to None: 'not given');
+    also used by `puyu bench engine|latency` and `puyu webui`."""
     parser.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="YAML or JSON file of engine options (EngineConfig field names)")
-    e = parser.add_argument_group("engine options")
-    e.add_argument("--quant-policy", type=int, choices=[0, 4, 8], default=None, help="KV cache int8 (8) / int4 (4)")
-    e.add_argument("--session-len", type=int, default=None, help="max tokens of one conversation")
-    e.add_argument("--cache-max-entry-count", type=float, default=None,
-                   help="KV cache: fraction of free memory (< 1) or number of blocks (>= 1)")
-    e.add_argument("--cache-block-seq-len", type=int, default=None, help="tokens per KV block")
-    e.add_argument("--max-batch-size", type=int, default=None)
-    e.add_argument("--max-prefill-token-num", type=int, default=None)
-    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    e.add_argument("--device", default=None, help="cpu | cuda | cuda:N")
-    e.add_argument("--dtype", default=None, help="auto | float32 | float16 | bfloat16")
-    e.add_argument("--tp", type=int, default=None, help="tensor parallel degree (TurboMind)")
-    e.add_argument("--num-threads", type=int, default=None, help="torch threads on cpu")
-    e.add_argument("--kernels", choices=["auto", "torch"], default=None,
-                   help="auto: puyu's cpu kernels where they build; torch: torch ops only (the reference)")
+    group = parser.add_argument_group("engine options")
+    for f in dataclasses.fields(EngineConfig):
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_argparse_options(f))
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -141,6 +141,31 @@ def test_serve_metrics_survive_a_failing_stats_call():
     assert "puyu_time_to_first_token_seconds" in ServerMetrics(broken).render().decode()
 
 
+def test_every_engine_config_field_is_a_flag_with_help():
+    """The engine flags are generated from EngineConfig: a field added there is an option of serve/chat/bench."""
+    import argparse
+    import dataclasses
+
+    from puyu.config import EngineConfig
+    from puyu.serve.options import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    flags = {a.dest: a for a in parser._actions}
+    samples = {"quant_policy": "8", "session_len": "300", "cache_block_seq_len": "32", "cache_max_entry_count": "12",
+               "max_batch_size": "5", "max_prefill_token_num": "99", "device": "cuda:1", "dtype": "bfloat16",
+               "tp": "2", "num_threads": "3", "kernels": "torch"}
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert f.name in flags and flag in flags[f.name].option_strings and flags[f.name].help, f.name
+        argv = [f"--no-{flag[2:]}"] if isinstance(f.default, bool) else [flag, samples[f.name]]
+        got = getattr(engine_config_from_args(parser.parse_args(argv)), f.name)
+        want = (not f.default) if isinstance(f.default, bool) else type(got)(samples[f.name])
+        assert got == want, (f.name, got)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "int3"])  # choices come from the field too
+
+
 def test_serve_engine_options_from_file_and_flags(tmp_path):
     import argparse
 
