@@ -60,7 +60,7 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """New blocks `seq` needs to hold `num_tokens` tokens in total."""
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+        return self.blocks_needed_after(len(seq.block_table), num_tokens)
 
     # ---- prefix cache ---------------------------------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> list[int]:
@@ -81,6 +81,24 @@ class BlockManager:
             seq.block_hashes.append(h)
             prev = h
         return found
+
+    def try_admit(self, seq: Sequence, budget: int) -> Optional[int]:
+        """Admit a waiting `seq` with its cached prefix and blocks for its first chunk (at most `budget` tokens
+        beyond the prefix), or change nothing and return None when the blocks do not fit. Returns the chunk's size."""
+        cached = self.match_prefix(seq)
+        start = len(cached) * self.block_size
+        n = min(len(seq) - start, budget)
+        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        if revived + self.blocks_needed_after(len(cached), start + n) > self.num_free:
+            return None
+        self.admit(seq, cached)
+        taken = self.allocate(seq, start + n)
+        assert taken  # counted above
+        return n
+
+    def blocks_needed_after(self, num_blocks: int, num_tokens: int) -> int:
+        """New blocks a table of `num_blocks` blocks needs to hold `num_tokens` tokens."""
+        return max(0, -(-num_tokens // self.block_size) - num_blocks)
 
     def admit(self, seq: Sequence, cached: list[int]) -> None:
         """Give a waiting `seq` its cached prefix blocks (reviving free ones) and count the lookup."""

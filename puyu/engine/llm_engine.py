@@ -24,7 +24,7 @@ from .model_runner import ModelRunner
 from .outputs import StreamOutput, TextStream
 from .sampler import SampleRequest, SamplingFailed, make_generator, sample
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, TokenUpdate
 
 log = logging.getLogger(__name__)
 Prompt = Union[str, list[int], list[dict]]
@@ -34,7 +34,6 @@ Prompt = Union[str, list[int], list[dict]]
 class _Request:
     seq: Sequence
     text: TextStream
-    stop_ids: frozenset[int]
 
 
 def resolve_checkpoint(model_path: Union[str, Path, None]) -> Path:
@@ -96,7 +95,7 @@ class LLMEngine:
         self.cache = KVCacheStorage(s.num_layers, blocks, c.cache_block_seq_len, s.num_kv_heads, s.head_dim,
                                     self.dtype, self.device, c.quant_policy)
         self.block_manager = BlockManager(blocks, c.cache_block_seq_len, c.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_prefill_token_num)
+        self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_prefill_token_num, self.session_len)
         self.runner = ModelRunner(self.model, self.cache)
 
     # ---- requests -------------------------------------------------------------------------------------------------
@@ -130,9 +129,10 @@ class LLMEngine:
         if not gen_config.ignore_eos:
             stop |= set(self.tokenizer.stop_token_ids)
         seq = Sequence(request_id, list(prompt_ids), gen_config,
-                       generator=None if gen_config.greedy else make_generator(gen_config.random_seed))
+                       generator=None if gen_config.greedy else make_generator(gen_config.random_seed),
+                       stop_ids=frozenset(stop))
         text = TextStream(self.tokenizer, gen_config.skip_special_tokens, gen_config.stop_words)
-        self.requests[request_id] = _Request(seq, text, frozenset(stop))
+        self.requests[request_id] = _Request(seq, text)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str, reason: str = "abort", error: Optional[str] = None) -> Optional[StreamOutput]:
@@ -156,20 +156,15 @@ class LLMEngine:
         if not scheduled:
             return self._unschedulable()
         logits = self.runner.run(scheduled)
-        for item in scheduled:
-            item.seq.num_computed += item.num_tokens
-            self.block_manager.register_full_blocks(item.seq)
         done = [item.seq for item in scheduled if item.completes]
-        reqs = [self.requests[s.request_id] for s in done]
-        tokens, logprobs = sample(logits, [SampleRequest(r.seq.gen_config, r.seq.prompt_ids, r.seq.output_ids,
-                                                         sorted(r.stop_ids), r.seq.generator) for r in reqs])
-        outputs = []
-        for req, token, lp in zip(reqs, tokens, logprobs):
-            if isinstance(token, SamplingFailed):
-                out = self.abort(req.seq.request_id, "error", str(token))
-            else:
-                out = self._append(req, token, lp)
-            if out is not None:
+        tokens, logprobs = sample(logits, [SampleRequest(s.gen_config, s.prompt_ids, s.output_ids, sorted(s.stop_ids),
+                                                         s.generator) for s in done])
+        sampled = {s.request_id: t for s, t in zip(done, tokens) if not isinstance(t, SamplingFailed)}
+        token_logprobs = {s.request_id: lp for s, lp in zip(done, logprobs)}
+        outputs = [self._output(u, token_logprobs[u.seq.request_id])
+                   for u in self.scheduler.update_from_output(scheduled, sampled)]
+        for seq, token in zip(done, tokens):
+            if isinstance(token, SamplingFailed) and (out := self.abort(seq.request_id, "error", str(token))):
                 outputs.append(out)
         return outputs
 
@@ -182,27 +177,25 @@ class LLMEngine:
                                                   f"({self.block_manager.num_blocks})")
         return [out] if out else []
 
-    def _append(self, req: _Request, token: int, logprobs: Optional[dict[int, float]]) -> StreamOutput:
-        seq = req.seq
-        g = seq.gen_config
-        if token in req.stop_ids and len(seq.output_ids) >= g.min_new_tokens:
-            return self._finish(req, StreamOutput(), "stop")
-        seq.output_ids.append(token)
-        self.tokens_generated += 1
-        out = StreamOutput(text=req.text.add([token]), token_ids=[token],
-                           logprobs=None if logprobs is None else [logprobs])
-        if req.text.stopped:
-            return self._finish(req, out, "stop")
-        if len(seq.output_ids) >= g.max_new_tokens or len(seq) >= self.session_len:
-            return self._finish(req, out, "length")
+    def _output(self, update: TokenUpdate, logprobs: Optional[dict[int, float]]) -> StreamOutput:
+        """The stream output of one token the scheduler took (or a stop token that ended the sequence); stop
+        strings are found here, in the text."""
+        seq = update.seq
+        req = self.requests[seq.request_id]
+        out = StreamOutput()
+        if update.token is not None:
+            self.tokens_generated += 1
+            out = StreamOutput(text=req.text.add([update.token]), token_ids=[update.token],
+                               logprobs=None if logprobs is None else [logprobs])
+        reason = update.finish_reason
+        if reason is None and req.text.stopped:
+            reason = "stop"
+            self.scheduler.finish(seq, reason)
+        if reason is not None:
+            out.text += req.text.finish()
+            out.finish_reason = reason
+            self.requests.pop(seq.request_id, None)
         return self._fill(out, seq)
-
-    def _finish(self, req: _Request, out: StreamOutput, reason: str) -> StreamOutput:
-        out.text += req.text.finish()
-        self.requests.pop(req.seq.request_id, None)
-        self.scheduler.finish(req.seq, reason)
-        out.finish_reason = reason
-        return self._fill(out, req.seq)
 
     @staticmethod
     def _fill(out: StreamOutput, seq: Sequence) -> StreamOutput:

@@ -16,14 +16,19 @@ from collections import deque
 from typing import Optional
 
 from .block_manager import BlockManager
-from .sequence import ScheduledSeq, Sequence, Status
+from .sequence import ScheduledSeq, Sequence, Status, TokenUpdate
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, token_budget: int):
+    """Owns the step state of every sequence: what runs, what waits, how much is computed, when it is finished
+    (a stop token, max_new_tokens or the session length; the engine adds stop strings and aborts)."""
+
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, token_budget: int,
+                 session_len: Optional[int] = None):
         self.bm = block_manager
         self.max_batch_size = max_batch_size
         self.token_budget = token_budget
+        self.session_len = session_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by arrival
         self.num_preemptions = 0
@@ -93,15 +98,35 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> Optional[ScheduledSeq]:
         """Move the first waiting sequence to running with its first chunk, or None if its blocks do not fit."""
-        cached = self.bm.match_prefix(seq)
-        start = len(cached) * self.bm.block_size
-        n = min(len(seq) - start, budget)
-        revived = sum(1 for b in cached if self.bm.blocks[b].ref_count == 0)
-        new_blocks = -(-(start + n) // self.bm.block_size) - len(cached)
-        if revived + new_blocks > self.bm.num_free:
+        n = self.bm.try_admit(seq, budget)
+        if n is None:
             return None
-        self.bm.admit(seq, cached)
-        self.bm.allocate(seq, start + n)
         seq.status = Status.RUNNING
         bisect.insort(self.running, seq, key=lambda s: s.arrival)
-        return ScheduledSeq(seq, start, n)
+        return ScheduledSeq(seq, seq.num_computed, n)
+
+    def update_from_output(self, scheduled: list[ScheduledSeq], tokens: dict[str, int]) -> list[TokenUpdate]:
+        """After the model ran `scheduled`: count the computed tokens, register the blocks now full, then append
+        each sampled token (`tokens`: request id -> token, for the chunks that completed) and finish the sequences it
+        ends. A sequence without a token here (sampling failed) is left to the engine to abort."""
+        for item in scheduled:
+            item.seq.num_computed += item.num_tokens
+            self.bm.register_full_blocks(item.seq)
+        updates = []
+        for item in scheduled:
+            token = tokens.get(item.seq.request_id)
+            if item.completes and token is not None:
+                updates.append(self._append(item.seq, token))
+        return updates
+
+    def _append(self, seq: Sequence, token: int) -> TokenUpdate:
+        g = seq.gen_config
+        if token in seq.stop_ids and len(seq.output_ids) >= g.min_new_tokens:
+            self.finish(seq, "stop")
+            return TokenUpdate(seq, None, "stop")
+        seq.output_ids.append(token)
+        at_limit = len(seq.output_ids) >= g.max_new_tokens or (
+            self.session_len is not None and len(seq) >= self.session_len)
+        if at_limit:
+            self.finish(seq, "length")
+        return TokenUpdate(seq, token, "length" if at_limit else None)

@@ -25,6 +25,7 @@ class Sequence:
     prompt_ids: list[int]
     gen_config: GenerationConfig
     generator: Optional[torch.Generator] = None
+    stop_ids: frozenset[int] = frozenset()  # tokens that end it (EOS and the request's stop_token_ids), not kept
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
@@ -67,3 +68,13 @@ class ScheduledSeq:
     def completes(self) -> bool:
         """True when the chunk reaches the end of the sequence, so its last logits give the next token."""
         return self.start + self.num_tokens == len(self.seq)
+
+
+@dataclass
+class TokenUpdate:
+    """What one sampled token did to its sequence (`Scheduler.update_from_output`): `token` was appended (None for
+    a stop token, which is not kept), and `finish_reason` is set when that ended the sequence."""
+
+    seq: Sequence
+    token: Optional[int]
+    finish_reason: Optional[str] = None

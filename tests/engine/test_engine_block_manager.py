@@ -127,3 +127,47 @@ def test_decodes_go_before_a_long_recompute():
             if s.completes:
                 s.seq.output_ids.append(1)
     assert steps == [[("b", 1), ("a", 7)], [("b", 1), ("a", 7)]]
+
+
+def test_update_from_output_owns_the_step_bookkeeping():
+    """After a step the scheduler counts computed tokens, registers full blocks, appends tokens and finishes
+    sequences on a stop token (not kept), max_new_tokens or the session length."""
+    bm = BlockManager(64, BS)
+    sch = Scheduler(bm, max_batch_size=8, token_budget=100, session_len=11)
+    stop = Sequence("stop", list(range(6)), GenerationConfig(), stop_ids=frozenset({99}))
+    short = Sequence("short", list(range(10, 16)), GenerationConfig(max_new_tokens=1))
+    session = Sequence("session", list(range(20, 30)), GenerationConfig())
+    goes_on = Sequence("goes_on", list(range(40, 48)), GenerationConfig())
+    for s in (stop, short, session, goes_on):
+        sch.add(s)
+    step = sch.schedule()
+    updates = sch.update_from_output(step, {"stop": 99, "short": 7, "session": 8, "goes_on": 9})
+    got = {u.seq.request_id: (u.token, u.finish_reason) for u in updates}
+    assert got == {"stop": (None, "stop"), "short": (7, "length"), "session": (8, "length"), "goes_on": (9, None)}
+    assert stop.output_ids == [] and short.output_ids == [7] and goes_on.output_ids == [9]
+    assert goes_on.num_computed == 8 and stop.block_table == [] and session.block_table == []  # finished: released
+    assert sch.running == [goes_on] and len(bm.match_prefix(seq(list(range(40, 48)) + [1]))) == 2  # registered
+
+
+def test_update_from_output_skips_incomplete_chunks_and_min_tokens_keeps_stop():
+    bm = BlockManager(64, BS)
+    sch = Scheduler(bm, max_batch_size=8, token_budget=5)
+    long = Sequence("long", list(range(12)), GenerationConfig())
+    early = Sequence("early", [1, 2], GenerationConfig(min_new_tokens=2), stop_ids=frozenset({3}))
+    sch.add(long)
+    sch.add(early)
+    step = sch.schedule()  # long: 5 of 12 tokens, early waits (budget)
+    assert sch.update_from_output(step, {"long": 4}) == [] and long.num_computed == 5 and long.output_ids == []
+    sch.token_budget = 100
+    step = sch.schedule()
+    updates = sch.update_from_output(step, {"long": 4, "early": 3})
+    assert [(u.seq.request_id, u.token, u.finish_reason) for u in updates] == [("long", 4, None), ("early", 3, None)]
+
+
+def test_try_admit_changes_nothing_when_blocks_do_not_fit():
+    bm = BlockManager(3, BS)
+    first = seq(range(8), "first")
+    assert bm.try_admit(first, 100) == 8 and bm.num_free == 1
+    big = seq(range(100, 112), "big")
+    assert bm.try_admit(big, 100) is None
+    assert big.block_table == [] and big.num_computed == 0 and bm.num_free == 1 and bm.stats.queries == 1
