@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 import httpx
 
 from ..config import EngineConfig, GenerationConfig
+from ..engine.client import EngineClient
 from .llm_base import IM_END, StreamingModel
 
 _DONE = object()
@@ -34,7 +35,7 @@ class EngineModel(StreamingModel):
     synchronous `stream_chat` works from any thread; leaving the stream early cancels the request in the engine.
     """
 
-    def __init__(self, engine: Any = None, model_path: Optional[str] = None,
+    def __init__(self, engine: Optional[EngineClient] = None, model_path: Optional[str] = None,
                  engine_config: Optional[EngineConfig] = None, **gen_defaults: Any) -> None:
         if engine is None:
             from ..engine import AsyncEngine

@@ -13,10 +13,11 @@ import queue
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Generator, Optional, Union
+from typing import Any, AsyncGenerator, Callable, Generator, Optional, Union
 
 from ..config import EngineConfig, GenerationConfig
-from .llm_engine import LLMEngine, Prompt
+from .client import Prompt
+from .llm_engine import LLMEngine
 from .outputs import StreamOutput
 
 __all__ = ["AsyncEngine", "LLMEngine", "StreamOutput"]
@@ -74,7 +75,7 @@ class AsyncEngine:
 
     # ---- public API -----------------------------------------------------------------------------------------------
     def generate(self, prompt: Prompt, gen_config: Optional[GenerationConfig] = None,
-                 request_id: Optional[str] = None) -> AsyncIterator[StreamOutput]:
+                 request_id: Optional[str] = None) -> AsyncGenerator[StreamOutput, None]:
         """Stream of `StreamOutput` deltas; raises (PromptTooLongError, ValueError) before anything is yielded."""
         ids, gen_config, request_id = self._prepare(prompt, gen_config, request_id)
         return self._stream(ids, gen_config, request_id)
@@ -130,7 +131,7 @@ class AsyncEngine:
             self._cv.notify()
 
     async def _stream(self, ids: list[int], gen_config: GenerationConfig,
-                      request_id: str) -> AsyncIterator[StreamOutput]:
+                      request_id: str) -> AsyncGenerator[StreamOutput, None]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[StreamOutput] = asyncio.Queue()
 

@@ -16,6 +16,7 @@ from ..convert import load_model_weights
 from ..convert.spec import CheckpointError, ModelSpec
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
+from .client import Prompt
 from .errors import PromptTooLongError
 from .kv_cache import KVCacheStorage
 from .memory import cpu_threads, num_cache_blocks, resolve_device, resolve_dtype
@@ -27,7 +28,6 @@ from .scheduler import Scheduler
 from .sequence import Sequence, TokenUpdate
 
 log = logging.getLogger(__name__)
-Prompt = Union[str, list[int], list[dict]]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Generator, Iterator, Optional, Union, cast
 
 from ..config import EngineConfig, GenerationConfig
 from .engine import AsyncEngine
-from .llm_engine import Prompt
+from .client import Prompt
 from .outputs import StreamOutput
 
 

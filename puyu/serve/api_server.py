@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..engine.client import EngineClient
 from .chat_api import ChatCompletion
 from .completions_api import Completion
 from .errors import APIError, from_validation_errors
@@ -56,7 +57,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error").response()
 
 
-def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence[str] = (),
+def create_app(engine: EngineClient, model_name: Optional[str] = None, api_keys: Sequence[str] = (),
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                allowed_hosts: Optional[Sequence[str]] = ("localhost", "127.0.0.1", "::1"),
                allowed_origins: Sequence[str] = (), body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:

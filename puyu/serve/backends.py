@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..config import EngineConfig
+from ..engine.client import EngineClient
 from ..resolve import resolve_model_path
 from .turbomind import unavailable_reason
 
@@ -30,7 +31,7 @@ def choose_backend(requested: Optional[str]) -> BackendChoice:
     return BackendChoice("turbomind")
 
 
-def build_engine(model: Optional[str], backend: str, config: EngineConfig) -> Any:
+def build_engine(model: Optional[str], backend: str, config: EngineConfig) -> EngineClient:
     """An engine following the AsyncEngine contract, for MODEL (directory, workspace, registry name or None)."""
     path: Path = resolve_model_path(model)
     if backend == "turbomind":

@@ -9,9 +9,10 @@ import asyncio
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Callable, TextIO
 
 from ..config import GenerationConfig
+from ..engine.client import EngineClient
 from ..webui.personas import DEFAULT_PERSONA_DIR, Persona, read_persona
 
 HELP = "commands: /reset (clear the history), /exit or /quit (leave), /help"
@@ -54,7 +55,7 @@ class Conversation:
 class TerminalChat:
     """Reads lines, streams replies; `read` and `out` are replaceable for embedding."""
 
-    def __init__(self, engine: Any, gen_config: GenerationConfig, persona: Persona,
+    def __init__(self, engine: EngineClient, gen_config: GenerationConfig, persona: Persona,
                  read: Callable[[str], str] = input, out: TextIO = sys.stdout):
         self.engine = engine
         self.gen_config = gen_config

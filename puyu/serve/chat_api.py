@@ -14,6 +14,7 @@ from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest
 from .responses import (ChoiceState, chat_logprobs, new_id, now, run_until_disconnect, sse, sse_body, sse_response,
                         usage)
+from ..engine.client import EngineClient
 from .runner import Job, cache_salt, collect, merged, start
 from .tools import ParsedReply, ToolStreamParser, forced_prefix, parse_reply, strip_end_markers, to_internlm2_messages
 
@@ -40,7 +41,7 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[list[int]
 class ChatCompletion:
     """One chat completion call."""
 
-    def __init__(self, req: ChatCompletionRequest, engine: Any, metrics: ServerMetrics, model_name: str):
+    def __init__(self, req: ChatCompletionRequest, engine: EngineClient, metrics: ServerMetrics, model_name: str):
         self.req, self.engine, self.metrics, self.model = req, engine, metrics, model_name
         self.id = new_id("chatcmpl")
         self.created = now()

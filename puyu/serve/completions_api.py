@@ -11,13 +11,14 @@ from .metrics import ServerMetrics
 from .protocol import CompletionRequest
 from .responses import (ChoiceState, completion_logprobs, new_id, now, run_until_disconnect, sse, sse_body,
                         sse_response, usage)
+from ..engine.client import EngineClient
 from .runner import Job, cache_salt, collect, merged, start
 
 
 class Completion:
     """One completion call: choice index = prompt number * n + sample number (as OpenAI numbers them)."""
 
-    def __init__(self, req: CompletionRequest, engine: Any, metrics: ServerMetrics, model_name: str):
+    def __init__(self, req: CompletionRequest, engine: EngineClient, metrics: ServerMetrics, model_name: str):
         self.req, self.engine, self.metrics, self.model = req, engine, metrics, model_name
         self.id = new_id("cmpl")
         self.created = now()

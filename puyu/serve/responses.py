@@ -12,6 +12,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from ..engine.outputs import StreamOutput
 from .errors import engine_failure
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -51,15 +52,15 @@ class ChoiceState:
     finish_reason: Optional[str] = None
     error: Optional[str] = None
 
-    def add(self, out: Any) -> None:
-        self.text.append(getattr(out, "text", "") or "")
-        self.token_ids.extend(getattr(out, "token_ids", None) or [])
-        self.logprobs.extend(getattr(out, "logprobs", None) or [])
-        self.completion_tokens = int(getattr(out, "generate_token_len", 0) or 0) or len(self.token_ids)
-        self.prompt_tokens = int(getattr(out, "input_token_len", 0) or 0)
-        if getattr(out, "finish_reason", None) is not None:
+    def add(self, out: StreamOutput) -> None:
+        self.text.append(out.text or "")
+        self.token_ids.extend(out.token_ids or [])
+        self.logprobs.extend(out.logprobs or [])
+        self.completion_tokens = int(out.generate_token_len or 0) or len(self.token_ids)
+        self.prompt_tokens = int(out.input_token_len or 0)
+        if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
-            self.error = getattr(out, "error", None)
+            self.error = out.error
 
     @property
     def full_text(self) -> str:

@@ -10,11 +10,13 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, Optional, Sequence
+from typing import Any, AsyncGenerator, AsyncIterator, Mapping, Optional, Sequence
 
 import anyio
 
 from ..config import ConfigError, GenerationConfig
+from ..engine.client import EngineClient
+from ..engine.outputs import StreamOutput
 from .errors import APIError, bad_request, engine_failure
 from .metrics import RequestTimer, ServerMetrics
 from .middleware import tenant
@@ -33,14 +35,15 @@ class Job:
 class ChoiceStream:
     """An engine iterator whose first output has already arrived."""
 
-    def __init__(self, index: int, iterator: Any, first: Any, timer: RequestTimer):
+    def __init__(self, index: int, iterator: AsyncGenerator[StreamOutput, None], first: StreamOutput,
+                 timer: RequestTimer):
         self.index = index
         self.iterator = iterator
-        self.first: Optional[Any] = first
+        self.first: Optional[StreamOutput] = first
         self.timer = timer
         self.done = False
 
-    async def outputs(self) -> AsyncIterator[Any]:
+    async def outputs(self) -> AsyncIterator[StreamOutput]:
         while True:
             if self.first is not None:
                 out, self.first = self.first, None
@@ -50,10 +53,10 @@ class ChoiceStream:
                 except StopAsyncIteration:
                     self.done = True
                     return
-            self.timer.tokens_arrived(time.perf_counter(), len(getattr(out, "token_ids", None) or []))
-            if getattr(out, "finish_reason", None) is not None:
+            self.timer.tokens_arrived(time.perf_counter(), len(out.token_ids or []))
+            if out.finish_reason is not None:
                 self.done = True
-                self.timer.done(time.perf_counter(), int(getattr(out, "input_token_len", 0) or 0))
+                self.timer.done(time.perf_counter(), int(out.input_token_len or 0))
             yield out
             if self.done:
                 return
@@ -85,7 +88,7 @@ def cache_salt(scope: Mapping[str, Any], requested: Optional[str]) -> Optional[s
     return who if requested is None else f"{who}/{requested}"
 
 
-async def start(engine: Any, jobs: Sequence[Job], request_id: str, metrics: ServerMetrics,
+async def start(engine: EngineClient, jobs: Sequence[Job], request_id: str, metrics: ServerMetrics,
                 prompt_field: str = "messages", salt: Optional[str] = None) -> list[ChoiceStream]:
     """Submit every job and wait for its first output; on any failure abort the others and raise APIError.
     `salt`: the prefix-cache namespace given to every job (see `cache_salt`)."""
@@ -99,7 +102,6 @@ async def start(engine: Any, jobs: Sequence[Job], request_id: str, metrics: Serv
             # the engine tokenises a string prompt in `generate`: off the event loop
             it = await asyncio.to_thread(engine.generate, job.prompt, job.gen_config,
                                          request_id=f"{request_id}-{job.index}")
-            it = it.__aiter__()
             try:
                 first = await it.__anext__()
             except StopAsyncIteration:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncGenerator, Optional, Union
 
 from ..config import ConfigError, EngineConfig, GenerationConfig
 
@@ -124,6 +124,11 @@ class TurboMindEngine:
     def stats(self) -> dict[str, Any]:
         return {"running": self._running, "waiting": self._waiting}
 
+    def close(self) -> None:
+        close = getattr(self.pipe, "close", None)  # LMDeploy's pipeline frees its engine here (where it can)
+        if callable(close):
+            close()
+
     def prompt_ids(self, prompt: Any) -> list[int]:
         """Token ids of a prompt as the native engine makes them: a string, token ids, or chat messages."""
         if isinstance(prompt, str):
@@ -137,7 +142,7 @@ class TurboMindEngine:
         raise ValueError("prompt: expected a string, token ids or chat messages")
 
     async def generate(self, prompt: Any, gen_config: GenerationConfig,
-                       request_id: Optional[str] = None) -> AsyncIterator[Any]:
+                       request_id: Optional[str] = None) -> AsyncGenerator[Any, None]:
         from puyu.engine import PromptTooLongError, StreamOutput
 
         session_id = next(self._ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Protocol, cast
 
+from ..engine.client import EngineClient
 from .settings import ChatSettings
 
 
@@ -35,7 +36,7 @@ class ChatBackend(Protocol):
 class EngineBackend:
     """The engine in this process (`puyu.engine.AsyncEngine`), driven from its own event loop thread."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: EngineClient):
         """`engine` follows the AsyncEngine contract (puyu.serve.backends.build_engine makes one)."""
         self.engine = engine
         self.description = f"in-process engine · {engine.model_name}"
