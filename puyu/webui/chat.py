@@ -37,7 +37,8 @@ class Conversation:
 
 def format_status(finish_reason: Optional[str], prompt_tokens: Optional[int],
                   completion_tokens: Optional[int]) -> str:
-    parts = [f"finish: {finish_reason}"]
+    # 'length': the reply hit the max-new-tokens limit mid-way; say so, it is not the model's own end
+    parts = [f"finish: {finish_reason}" + (" (reply cut: Max new tokens reached)" if finish_reason == "length" else "")]
     if prompt_tokens is not None:
         parts.append(f"prompt tokens: {prompt_tokens}")
     if completion_tokens is not None:
