@@ -39,6 +39,9 @@ class EngineBackend:
         """`engine` follows the AsyncEngine contract (puyu.serve.backends.build_engine makes one)."""
         self.engine = engine
         self.description = f"in-process engine · {engine.model_name}"
+        # what the chat tab picks personas by: the model's name and architecture, and its tokenizer
+        self.model_id = f"{engine.model_name} {getattr(getattr(engine, 'spec', None), 'arch', '') or ''}".strip()
+        self.tokenizer = getattr(engine, "tokenizer", None)
 
     async def stream(self, messages: list[dict[str, str]], settings: ChatSettings) -> AsyncIterator[ChatChunk]:
         try:
@@ -71,6 +74,8 @@ class OpenAIBackend:
         self.model = model
         self.api_key = api_key
         self.description = f"OpenAI-compatible server · {base_url}"
+        self.model_id = model or ""  # what the chat tab picks personas by (the server's model, when named)
+        self.tokenizer = None  # not known here: no language notes for a remote model
 
     async def _model(self) -> str:
         if self.model is None:

@@ -87,6 +87,8 @@ async def send(backend: ChatBackend, message: str, conv: Conversation,
         yield conv.display(), conv, "", format_error("type a message first"), message
         return
     conv.messages.append({"role": "user", "content": message})
+    # the question on the page at once, on its own, before the backend is asked (which may take a while)
+    yield conv.display(), conv, "generating…", "", ""
     async for chat, conv, status, error in stream_reply(backend, conv, settings):
         if error and conv.messages[-1] == {"role": "user", "content": message}:
             conv.messages.pop()
