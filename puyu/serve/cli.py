@@ -105,13 +105,16 @@ def chat_generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from ..webui.personas import Persona
+    from ..webui.personas import Persona, language_note
     from .chat import TerminalChat, find_persona
 
     persona = find_persona(args.persona) if args.persona else Persona(system=args.system or "")
     gen = chat_generation_config(args)
     check_model_path(args.model)
     engine, _ = _engine(args, engine_config_from_args(args))
+    note = language_note(persona, getattr(engine, "tokenizer", None))
+    if note:  # the persona still runs: the user chose it, and may know better
+        print(f"puyu: note: {note}", file=sys.stderr, flush=True)
     try:
         return TerminalChat(engine, gen, persona).run()
     finally:

@@ -134,3 +134,14 @@ def test_the_default_gguf_model_loads_without_warnings():
         warnings.simplefilter("error", UserWarning)
         spec, weights = read_gguf_weights(model_dir)
     assert spec.num_layers == 30 and "tok_embeddings.weight" in weights
+
+
+def test_chat_notes_a_persona_the_model_cannot_speak(internlm2_checkpoint):
+    """The tiny checkpoint's tokenizer is byte-level for Chinese, as SmolLM2's: 八戒 runs, with a note."""
+    run = subprocess.run([sys.executable, "-m", "puyu.cli", "chat", str(internlm2_checkpoint), "--persona", "bajie",
+                          *ENGINE_FLAGS], input="/exit\n", capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "puyu: note: 八戒 speaks Chinese" in run.stderr and "as 八戒" in run.stdout
+    plain = subprocess.run([sys.executable, "-m", "puyu.cli", "chat", str(internlm2_checkpoint), "--persona",
+                            "pirate", *ENGINE_FLAGS], input="/exit\n", capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0 and "note:" not in plain.stderr
