@@ -77,6 +77,21 @@ class OpenAIBackend:
         self.model_id = model or ""  # what the chat tab picks personas by (the server's model, when named)
         self.tokenizer = None  # not known here: no language notes for a remote model
 
+    def probe_model_id(self, timeout: float = 3.0) -> str:
+        """The model the server serves (GET /models), for picking the starting persona; '' when the server does
+        not answer now (the page reports that on the first message)."""
+        import httpx
+
+        if self.model:
+            return self.model
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            data = httpx.get(f"{self.base_url}/models", headers=headers, timeout=timeout).json().get("data") or []
+            self.model_id = str(data[0].get("id", "")) if data else ""
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+            self.model_id = ""
+        return self.model_id
+
     async def _model(self) -> str:
         if self.model is None:
             page = await self._client.models.list()

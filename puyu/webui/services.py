@@ -17,7 +17,9 @@ def make_chat_backend(model: Optional[str], api_url: Optional[str], api_key: Opt
     if api_url:
         if not api_url.startswith(("http://", "https://")):
             raise ValueError(f"--api-url: expected an http(s) URL, got {api_url!r}")
-        return OpenAIBackend(api_url, api_key=api_key, model=model_name)
+        backend = OpenAIBackend(api_url, api_key=api_key, model=model_name)
+        backend.probe_model_id()  # the starting persona depends on the model (neutral unless InternLM)
+        return backend
     from ..serve.backends import build_engine, choose_backend
     from ..serve.banner import engine_banner
 

@@ -111,3 +111,14 @@ def test_gradio_pandas_warnings_are_silenced():
         quiet_gradio_warnings()
         Queue._get_df([{"a": 1}])
     assert not [w for w in seen if type(w.message).__name__ == "Pandas4Warning"], [str(w.message) for w in seen]
+
+
+def test_a_servers_model_is_probed_for_the_persona_choice(puyu_server):
+    import httpx
+
+    from puyu.testing import free_port
+    from puyu.webui.services import make_chat_backend
+
+    served = httpx.get(f"{puyu_server}/v1/models").json()["data"][0]["id"]
+    assert make_chat_backend(None, puyu_server).model_id == served
+    assert make_chat_backend(None, f"http://127.0.0.1:{free_port()}").model_id == ""  # nobody there: neutral
