@@ -26,6 +26,21 @@ MIN_TEMPERATURE = 1e-4
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
+# The sampling defaults of every front end: the server (for the fields a request leaves out), `puyu chat` and the web
+# UI's sliders. Mild nucleus sampling with a small repetition penalty: greedy decoding makes a small model loop ("I'm
+# glad to have you." x60). The penalty is the default only when sampling: temperature 0 stays plain greedy decoding,
+# reproducible and equal to transformers' (see `default_repetition_penalty`).
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.8
+DEFAULT_TOP_K = 40
+DEFAULT_REPETITION_PENALTY = 1.05
+DEFAULT_MAX_NEW_TOKENS = 512  # `puyu chat` and the web UI; the server's default is the rest of the session (OpenAI)
+
+
+def default_repetition_penalty(temperature: float) -> float:
+    """The repetition penalty when none is given: `DEFAULT_REPETITION_PENALTY` when sampling, 1.0 when greedy."""
+    return DEFAULT_REPETITION_PENALTY if temperature >= MIN_TEMPERATURE else 1.0
+
 
 def option(default: Any, help: str, **cli: Any) -> Any:
     """A config field with what its command-line option needs: `help`, and optionally `type` (when the annotation

@@ -3,6 +3,7 @@ with an answer, or tells the model what was wrong; the loop is bounded by `max_t
 cleanly. Each step is reported to an optional `recorder(event: dict)` (the run folder's transcript)."""
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable, Optional, Union
 
@@ -41,6 +42,8 @@ class PuyuAgent(Internlm2Agent):
         for turn in range(1, self.max_turn + 1):
             prompt = self._protocol.format(inner_step=history, plugin_executor=self._action_executor,
                                            interpreter_executor=self._interpreter_executor)
+            # the whole prompt as sent (system prompt with the tool instructions included), for the transcript
+            self._record({"event": "prompt", "turn": turn, "messages": _plain(prompt)})
             text, error = self._generate(prompt, turn, **kwargs)
             if error is not None:
                 ret.state, ret.errmsg = AgentStatusCode.SERVER_ERR, error
@@ -50,6 +53,7 @@ class PuyuAgent(Internlm2Agent):
                 history.append(dict(role="language", content=reply.thought))
                 ret.response, ret.state = reply.thought, AgentStatusCode.END
                 self._record({"event": "answer", "turn": turn, "text": reply.thought})
+                self._flag_unexecuted(reply.thought, turn)
                 break
             if reply.kind == "invalid":
                 self._reject(history, text, reply, turn)
@@ -77,6 +81,15 @@ class PuyuAgent(Internlm2Agent):
                       "first_token_s": round(first, 3) if first is not None else None,
                       "usage": dict(getattr(self._llm, "last_usage", None) or {})})
         return text, None
+
+    def _flag_unexecuted(self, text: str, turn: int) -> None:
+        """Python blocks written in the reply's text, outside an interpreter call, never ran: say so, so that
+        neither the user nor the report takes their 'output' for a result."""
+        blocks = count_python_blocks(text)
+        if blocks:
+            self._record({"event": "unexecuted_code", "turn": turn, "blocks": blocks,
+                          "message": f"{blocks} python block(s) in the model's text were not executed (only code "
+                                     f"inside an interpreter call runs)"})
 
     def _model_error(self, turn: int, message: str, start: float) -> str:
         self._record({"event": "model_error", "turn": turn, "message": message,
@@ -110,6 +123,26 @@ class PuyuAgent(Internlm2Agent):
                       "parameters": reply.action["parameters"], "state": int(action_return.state),
                       "response": response["content"], "ignored_calls": reply.ignored_calls,
                       "duration_s": round(time.monotonic() - start, 3)})
+        self._flag_unexecuted(reply.thought, turn)
         history.append(dict(role="language", content=reply.thought))
         history.append(dict(role="tool", content=reply.action, name=reply.kind))
         history.append(response)
+
+
+_PYTHON_BLOCK = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*(?:python|py|python3)\b", re.MULTILINE | re.IGNORECASE)
+
+
+def count_python_blocks(text: str) -> int:
+    """Fenced python code blocks (```python, ~~~py, ...) opened in `text`."""
+    return len(_PYTHON_BLOCK.findall(text or ""))
+
+
+def _plain(prompt: list) -> list:
+    """The prompt messages as JSON-safe dicts (a tool call's content is a dict; anything else becomes text)."""
+    out = []
+    for m in prompt:
+        m = dict(m)
+        if not isinstance(m.get("content"), (str, dict, list, type(None))):
+            m["content"] = str(m["content"])
+        out.append(m)
+    return out

@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         close()
     print(f"run folder: {result.run_dir}")
-    print(f"status: {result.status} ({result.turns} turns, {result.duration_s} s)")
+    print(f"status: {result.summary} ({result.turns} turns, {result.duration_s} s)")
     print(f"answer: {result.answer or result.error}")
     return 0 if result.status == "answered" else 1
 

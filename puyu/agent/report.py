@@ -46,6 +46,8 @@ def _render_event(e: dict) -> list[str]:
         return [f"Protocol error, told to the model: _{e['problem']}_"]
     if kind == "model_error":
         return [f"Model error: `{e['message']}`"]
+    if kind == "unexecuted_code":
+        return [f"_Not executed: {e['message']}._"]
     if kind == "max_turns":
         return [f"**{e['message']}**"]
     return []
@@ -56,7 +58,7 @@ def write_report(path: Path, events: list[dict], result) -> None:
     lines = ["# Agent run", "", f"**Question:** {start['question']}", ""]
     if start["files"]:
         lines += ["**Files:** " + ", ".join(f"`{f['name']}` ({f['bytes']} bytes)" for f in start["files"]), ""]
-    lines += [f"**Status:** {result.status}, {result.turns} model turn(s), {result.duration_s} s; "
+    lines += [f"**Status:** {result.summary}, {result.turns} model turn(s), {result.duration_s} s; "
               f"usage: {_usage_line(result.usage)}", "", "## Answer", "",
               clean(result.answer) or f"_No answer: {result.error or 'the run ended without one'}._", ""]
     if result.figures:

@@ -49,6 +49,19 @@ class RunResult:
     figures: list[str]
     error: Optional[str] = None
     task_id: Optional[str] = None
+    code_cells: int = 0  # cells the interpreter ran
+    unexecuted_blocks: int = 0  # python blocks the model wrote outside an interpreter call (never run)
+
+    @property
+    def summary(self) -> str:
+        """The status as a user reads it: 'answered without running code' says the answer is the model's own
+        claim, not a computed result."""
+        status = self.status
+        if status == "answered" and not self.code_cells:
+            status = "answered without running code"
+        if self.unexecuted_blocks:
+            status += f" ({self.unexecuted_blocks} python block(s) in the text not executed)"
+        return status
 
 
 class Transcript:
@@ -68,18 +81,22 @@ class Transcript:
 
 
 def file_message(copies: list[Path]) -> dict:
-    """InternLM2's file upload turn: `<|im_start|>user name=file` with the paths (relative to the working dir)."""
+    """InternLM2's file upload turn: `<|im_start|>user name=file` with the paths (relative to the working dir).
+    The size is spelled out as the file's size on disk ('25 bytes on disk', not '25B'): a small model took a bare
+    '25B' for a value in the data."""
     info = [{"path": p.name, "size": _human_size(p.stat().st_size)} for p in copies]
     return dict(role="user", name="file", content=json.dumps(info, ensure_ascii=False))
 
 
 def _human_size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes on disk"
     size = float(n)
-    for unit in ("B", "KB", "MB"):
-        if size < 1024:
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+    for unit in ("KiB", "MiB", "GiB"):
         size /= 1024
-    return f"{size:.1f}GB"
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit} on disk"
+    return f"{size:.1f} GiB on disk"
 
 
 def _file_record(p: Path) -> dict:
@@ -114,8 +131,9 @@ def run_analysis(llm: BaseModel, question: str, files: Sequence[str | Path], run
         messages = [dict(role="user", content=question)] + ([file_message(copies)] if copies else [])
         ret = agent.chat(messages, **gen_params)
     result = _summarise(transcript.events, ret, run_dir, time.monotonic() - start, task_id)
-    transcript({"event": "run_end", **asdict(result)})
-    (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False))
+    summary = {**asdict(result), "summary": result.summary}
+    transcript({"event": "run_end", **summary})
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     write_report(run_dir / "report.md", transcript.events, result)
     return result
 
@@ -134,5 +152,7 @@ def _summarise(events: list[dict], ret, run_dir: Path, duration: float, task_id:
         status = "answered"
     else:
         status = "max_turns"
+    cells = sum(1 for e in events if e["event"] == "cell")
+    unexecuted = sum(e["blocks"] for e in events if e["event"] == "unexecuted_code")
     return RunResult(str(run_dir), status, ret.response or "", turns, round(duration, 3), usage, figures,
-                     ret.errmsg, task_id)
+                     ret.errmsg, task_id, cells, unexecuted)

@@ -51,6 +51,7 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--save-text", action="store_true", help="keep generated texts in the JSONL")
+    g.add_argument("--show-formulas", action="store_true", help="print how each reported metric is computed")
 
 
 def dataset_config(args: argparse.Namespace) -> DatasetConfig:
@@ -77,7 +78,8 @@ def bench_options(args: argparse.Namespace) -> BenchOptions:
     opts = BenchOptions(num_warmups=args.num_warmups, percentiles=parse_percentiles(args.percentiles),
                         goodput=parse_goodput(args.goodput), sweep=parse_sweep(args.sweep),
                         result_dir=args.result_dir, label=args.label, plots=not args.no_plots,
-                        progress=not args.no_progress, save_text=args.save_text)
+                        progress=not args.no_progress, save_text=args.save_text,
+                        show_formulas=args.show_formulas)
     opts.validate()
     return opts
 

@@ -95,6 +95,8 @@ def _register_latency(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-dir", type=Path, default=None)
     p.add_argument("--label", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--show-formulas", action="store_true", help="print how each reported metric is computed")
     _add_engine_args(p)
     p.set_defaults(func=_latency)
 
@@ -108,7 +110,7 @@ def _latency(args: argparse.Namespace) -> int:
                         rounds=args.rounds, num_warmups=args.num_warmups, seed=args.seed,
                         percentiles=parse_percentiles(args.percentiles))
     run_latency_bench(args.model, engine_config_from_args(args), cfg, args.result_dir, args.label,
-                      argv=["puyu", *sys.argv[1:]])
+                      argv=["puyu", *sys.argv[1:]], progress=not args.no_progress, show_formulas=args.show_formulas)
     return 0
 
 
@@ -116,6 +118,7 @@ def _register_compare(sub) -> None:
     p = sub.add_parser("compare", help="side-by-side table and ratios of result JSON files")
     p.add_argument("results", nargs="+", type=Path, help="summary or sweep JSON files (the first is the baseline)")
     p.add_argument("--plot", type=Path, default=None, help="write a bar chart PNG here")
+    p.add_argument("--show-formulas", action="store_true", help="print how each compared metric is computed")
     p.set_defaults(func=_compare)
 
 
@@ -125,7 +128,8 @@ def _compare(args: argparse.Namespace) -> int:
     from .metrics import formulas_header
 
     runs = load_summaries(args.results)
-    print(formulas_header())
+    if args.show_formulas:
+        print(formulas_header(("ttft", "e2el", "tpot", "throughput", "statistics")))
     print(compare_table(runs))
     if args.plot:
         print(f"wrote {plot_compare(runs, args.plot)}")

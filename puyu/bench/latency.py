@@ -18,6 +18,7 @@ from .datasets import DatasetConfig, load_dataset
 from .engine_bench import make_engine_sender, open_engine
 from .environment import collect_environment
 from .load import LoadConfig
+from .points import NOT_SAVED
 from .metrics import FORMULAS, formulas_header
 from .plots import plot_against_load
 from .report import write_json
@@ -58,11 +59,15 @@ def shape_row(batch: int, input_len: int, output_len: int, metrics: dict[str, An
     return row
 
 
-def format_latency_table(rows: list[dict[str, Any]], percentiles: Sequence[float]) -> str:
+LATENCY_TOPICS = ("ttft", "e2el", "tpot", "throughput", "statistics")  # the metrics this table shows
+
+
+def format_latency_table(rows: list[dict[str, Any]], percentiles: Sequence[float],
+                         show_formulas: bool = False) -> str:
     p = percentile_key(max(percentiles))
     head = f"{'batch':>5} {'in':>5} {'out':>5} {'ok':>4} {'fail':>4} {'out tok/s':>10} " \
            f"{'TTFT mean':>10} {'TTFT ' + p:>10} {'TPOT mean':>10} {'TPOT ' + p:>10}  (ms)"
-    lines = [formulas_header(), head, "-" * len(head)]
+    lines = ([formulas_header(LATENCY_TOPICS)] if show_formulas else []) + [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['batch']:>5} {r['input_len']:>5} {r['output_len']:>5} {r['completed']:>4} {r['failed']:>4} "
                      f"{r['output_throughput']:>10.1f} {r['mean_ttft_ms']:>10.2f} {r[f'{p}_ttft_ms']:>10.2f} "
@@ -72,22 +77,30 @@ def format_latency_table(rows: list[dict[str, Any]], percentiles: Sequence[float
 
 def run_latency_bench(model: Optional[str], engine_cfg: EngineConfig, cfg: LatencyConfig,
                       result_dir: Optional[Path] = None, label: Optional[str] = None,
-                      argv: Optional[list[str]] = None, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                      argv: Optional[list[str]] = None, echo: Callable[[str], None] = print,
+                      progress: bool = True, show_formulas: bool = False) -> list[dict[str, Any]]:
+    """Every shape in turn (a progress bar per shape on stderr with `progress`), then the table; the JSON and plot
+    go to `result_dir` when given, else a line says nothing was saved."""
     cfg.validate()
     engine, path = open_engine(model, engine_cfg)
     rows = []
+    shapes = list(itertools.product(cfg.input_lens, cfg.output_lens, cfg.batches))
     try:
         tokenizer = load_tokenizer(str(path))
         send = make_engine_sender(engine, tokenizer)
-        for input_len, output_len, batch in itertools.product(cfg.input_lens, cfg.output_lens, cfg.batches):
+        for k, (input_len, output_len, batch) in enumerate(shapes, 1):
             samples = load_dataset(DatasetConfig("random", num_prompts=batch * cfg.rounds, input_len=input_len,
                                                  output_len=output_len, seed=cfg.seed), tokenizer)
             load = LoadConfig(request_rate=math.inf, max_concurrency=batch)
-            result = asyncio.run(measure(send, samples, load, cfg.num_warmups, cfg.percentiles, None, False))
+            desc = f"shape {k}/{len(shapes)}: batch {batch}, in {input_len}, out {output_len}"
+            result = asyncio.run(measure(send, samples, load, cfg.num_warmups, cfg.percentiles, None, progress,
+                                         desc))
             rows.append(shape_row(batch, input_len, output_len, result.metrics, cfg.percentiles))
     finally:
         engine.close()
-    echo(format_latency_table(rows, cfg.percentiles))
+    echo(format_latency_table(rows, cfg.percentiles, show_formulas))
+    if not result_dir:
+        echo(NOT_SAVED)
     if result_dir:
         label = label or f"latency-{path.name}"
         summary = {"backend": "puyu-engine", "model_path": str(path), "formulas": FORMULAS, "rows": rows,

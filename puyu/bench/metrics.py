@@ -31,9 +31,15 @@ FORMULAS = [
 
 
 
-def formulas_header() -> str:
-    """The block printed at the top of every report."""
-    return "\n".join(["Formulas:"] + [f"  {f}" for f in FORMULAS])
+# what each line of FORMULAS defines, so a report can show only the lines of the metrics it prints
+FORMULA_TOPICS = ("ttft", "e2el", "tpot", "itl", "throughput", "peak", "concurrency", "goodput", "statistics")
+SERVE_TOPICS = ("ttft", "e2el", "tpot", "itl", "throughput", "peak", "concurrency", "statistics")
+
+
+def formulas_header(topics: Optional[Sequence[str]] = None) -> str:
+    """The formulas block (`--show-formulas`): the lines of `topics` only (None: every line)."""
+    lines = [f for f, topic in zip(FORMULAS, FORMULA_TOPICS) if topics is None or topic in topics]
+    return "\n".join(["Formulas:"] + [f"  {f}" for f in lines])
 
 
 SLO_METRICS = ("ttft", "tpot", "e2el")

@@ -54,6 +54,12 @@ def plot_against_load(series: dict[str, list[dict[str, Any]]], x_key: str, path:
                       p_key: str = "p99") -> Path:
     """Output throughput, p99 TTFT and p99 TPOT against concurrency or rate; one line per series of summaries."""
     plt = _pyplot()
+    return _save(plt, load_figure(plt, series, x_key, title, p_key), path)
+
+
+def load_figure(plt: Any, series: dict[str, list[dict[str, Any]]], x_key: str, title: str = "",
+                p_key: str = "p99") -> Any:
+    """The figure of `plot_against_load`; its x ticks are the swept values themselves (1, 4, 16, not 2^k)."""
     panels = (("output_throughput", "output tokens/s"), (f"{p_key}_ttft_ms", f"{p_key} TTFT (ms)"),
               (f"{p_key}_tpot_ms", f"{p_key} TPOT (ms)"))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -65,11 +71,14 @@ def plot_against_load(series: dict[str, list[dict[str, Any]]], x_key: str, path:
         ax.set_xlabel(x_key)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        if len({float(p[x_key]) for pts in series.values() for p in pts}) > 2:
+        swept = sorted({float(p[x_key]) for pts in series.values() for p in pts} - {float("inf")})
+        if len(swept) > 2:
             ax.set_xscale("log", base=2)
+        ax.set_xticks(swept, [f"{x:g}" for x in swept])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.legend(fontsize=8)
     fig.suptitle(title or f"Throughput and latency against {x_key}")
-    return _save(plt, fig, path)
+    return fig
 
 
 def plot_compare(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .load import LoadConfig
-from .report import format_table
+from .report import format_sweep_table, format_table
 from .results import build_summary, write_run, write_sweep
 from .runner import RunResult
-from .stats import DEFAULT_PERCENTILES
+from .stats import DEFAULT_PERCENTILES, percentile_key
+
+NOT_SAVED = "results not saved: give --result-dir DIR to keep the summary JSON, per-request JSONL and plots"
 
 
 @dataclass
@@ -26,6 +28,7 @@ class BenchOptions:
     plots: bool = True
     progress: bool = True
     save_text: bool = False
+    show_formulas: bool = False
 
     def validate(self) -> None:
         if self.num_warmups < 0:
@@ -54,15 +57,20 @@ def run_points(run_one: Callable[[LoadConfig, str], RunResult], header: dict[str
                     max_concurrency=point.max_concurrency, arrival=point.arrival)
         cfg = dict(config, load=dataclasses.asdict(point), options=_options_dict(opts))
         summary = build_summary(result, cfg, head, argv)
-        echo(format_table(summary, title=f"{header.get('backend', 'bench')} {label + suffix}"))
+        echo(format_table(summary, title=f"{header.get('backend', 'bench')} {label + suffix}",
+                          show_formulas=opts.show_formulas))
         if opts.result_dir:
             files = write_run(result, summary, opts.result_dir, label + suffix, opts.plots, opts.save_text)
             echo(f"wrote {files.summary}, {files.requests}" + (f", {files.cdf_plot}" if files.cdf_plot else ""))
         summaries.append(summary)
-    if opts.sweep and opts.result_dir:
+    if opts.sweep:
         x_key = "max_concurrency" if opts.sweep[0] == "concurrency" else "request_rate"
-        path, plot = write_sweep(summaries, x_key, opts.result_dir, label, opts.plots)
-        echo(f"wrote {path}" + (f", {plot}" if plot else ""))
+        echo(format_sweep_table(summaries, x_key, percentile_key(max(opts.percentiles))))
+        if opts.result_dir:
+            path, plot = write_sweep(summaries, x_key, opts.result_dir, label, opts.plots)
+            echo(f"wrote {path}" + (f", {plot}" if plot else ""))
+    if not opts.result_dir:
+        echo(NOT_SAVED)
     return summaries
 
 

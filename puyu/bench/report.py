@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .metrics import formulas_header
+from .metrics import SERVE_TOPICS, formulas_header
 from .records import RequestRecord
 from .stats import percentile_key
 
@@ -58,9 +58,11 @@ def read_json(path: Path | str, option: str = "") -> Any:
         raise ValueError(f"{where}: not valid JSON ({exc})") from None
 
 
-def format_table(summary: dict[str, Any], title: str = "Serving Benchmark Result") -> str:
-    """A vLLM-style console table, with the metric formulas first."""
-    lines = [formulas_header()]
+def format_table(summary: dict[str, Any], title: str = "Serving Benchmark Result",
+                 show_formulas: bool = False) -> str:
+    """A vLLM-style console table; with `show_formulas`, headed by the formulas of the metrics it shows."""
+    topics = SERVE_TOPICS + (("goodput",) if "request_goodput" in summary else ())
+    lines = [formulas_header(topics)] if show_formulas else []
     width = 60
     lines.append(f"{' ' + title + ' ':=^{width}}")
 
@@ -92,4 +94,19 @@ def format_table(summary: dict[str, Any], title: str = "Serving Benchmark Result
     lines.append("=" * width)
     for err in summary.get("errors", [])[:5]:
         lines.append(f"error x{err['count']}: {err['error'][:200]}")
+    return "\n".join(lines)
+
+
+def format_sweep_table(summaries: Sequence[dict[str, Any]], x_key: str, p: str = "p99") -> str:
+    """One line per sweep point: what changed, throughput, and TTFT / TPOT (mean and the highest percentile)."""
+    name = {"max_concurrency": "concurrency", "request_rate": "rate"}.get(x_key, x_key)
+    head = (f"{name:>11} {'ok':>5} {'fail':>5} {'out tok/s':>10} {'TTFT mean':>10} {'TTFT ' + p:>10} "
+            f"{'TPOT mean':>10} {'TPOT ' + p:>10}  (ms)")
+    lines = ["Sweep summary", head, "-" * len(head)]
+    for s in summaries:
+        x = s.get(x_key)
+        x_text = f"{x:g}" if isinstance(x, (int, float)) else str(x)
+        lines.append(f"{x_text:>11} {s['completed']:>5} {s['failed']:>5} {s['output_throughput']:>10.1f} "
+                     f"{s['mean_ttft_ms']:>10.2f} {s[f'{p}_ttft_ms']:>10.2f} {s['mean_tpot_ms']:>10.2f} "
+                     f"{s[f'{p}_tpot_ms']:>10.2f}")
     return "\n".join(lines)

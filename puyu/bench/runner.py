@@ -5,6 +5,8 @@ serving and the engine benchmark share the timing, queueing and metric code.
 """
 from __future__ import annotations
 
+import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ async def measure(send: Sender, samples: Sequence[SampleRequest], load: LoadConf
                   percentiles: Sequence[float] = DEFAULT_PERCENTILES, goodput: Optional[dict[str, float]] = None,
                   progress: bool = True, desc: str = "bench") -> RunResult:
     warm_errors = await warm_up(send, samples, num_warmups) if num_warmups > 0 else []
+    check_warmup(warm_errors, num_warmups)
     records = [RequestRecord(index=i, prompt_len=s.prompt_len, expected_output_len=s.output_len)
                for i, s in enumerate(samples)]
     bar = _progress_bar(len(samples), desc, progress)
@@ -58,6 +61,44 @@ async def measure(send: Sender, samples: Sequence[SampleRequest], load: LoadConf
         bar.close()
     metrics = summarize(records, duration, t0, percentiles, goodput)
     return RunResult(metrics, records, warm_errors)
+
+
+class BenchAborted(ValueError):
+    """Every warm-up request was refused for a reason the measured run would share (a wrong model name, a bad
+    key): the run stops with the server's message instead of measuring only failures. A ValueError, so the CLI
+    prints it as one line."""
+
+
+_REFUSAL = re.compile(r"HTTP (4\d\d): (.*)", re.DOTALL)
+_TRANSIENT = {"408", "429"}  # timeouts and rate limits may pass: the run goes on
+
+
+def check_warmup(errors: Sequence[str], num_warmups: int) -> None:
+    """BenchAborted when all `num_warmups` (>= 1) warm-up requests failed with the same non-transient 4xx."""
+    if num_warmups < 1 or len(errors) < num_warmups:
+        return
+    found = [_REFUSAL.search(e or "") for e in errors]
+    refusals = [m for m in found if m is not None]
+    if len(refusals) != len(found) or len({m.group(1) for m in refusals}) != 1 or refusals[0].group(1) in _TRANSIENT:
+        return
+    status, detail = refusals[0].group(1), _server_message(refusals[0].group(2))
+    raise BenchAborted(f"every warm-up request was refused (HTTP {status}): {detail}; nothing measured "
+                       f"(check --model, --base-url and --api-key)")
+
+
+def _server_message(detail: str) -> str:
+    """The `error.message` (OpenAI) or `detail` (FastAPI) of an error body, else the body itself."""
+    try:
+        body = json.loads(detail)
+    except ValueError:
+        return detail.strip()[:300]
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if body.get("detail"):
+            return str(body["detail"])[:300]
+    return detail.strip()[:300]
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     i = subparsers.add_parser("inspect", help="show what a checkpoint or workspace holds")
     i.add_argument("path", metavar="PATH")
-    i.add_argument("--summary", action="store_true", help="no per-tensor lines")
+    i.add_argument("--tensors", action="store_true", help="also one line per tensor (name, shape, dtype, bytes)")
+    i.add_argument("--summary", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
     i.set_defaults(func=_inspect)
 
 
@@ -89,5 +90,5 @@ def _quantize(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from .inspect import format_inspection, inspect_path
 
-    print(format_inspection(inspect_path(args.path), show_tensors=not args.summary))
+    print(format_inspection(inspect_path(args.path), show_tensors=args.tensors))
     return 0

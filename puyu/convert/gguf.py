@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -314,7 +315,9 @@ def read_gguf_weights(model_dir: Path | str, dtype: "torch.dtype | None" = None,
     permute = spec.arch == "qwen2"
 
     def dense(name: str) -> torch.Tensor:
-        t = torch.from_numpy(_dense(tensors.get(name)))
+        with warnings.catch_warnings():  # the file's memory map is read-only, and no weight is ever written to
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(_dense(tensors.get(name)))
         return t.to(dtype) if dtype is not None else t
 
     def is_packed(*names: str) -> bool:

@@ -5,7 +5,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .spec import CheckpointError, read_model_spec
 
@@ -66,14 +66,45 @@ def _inspect_hf(path: Path) -> Inspection:
 
 
 def _inspect_hf_summary(path: Path) -> dict[str, Any]:
-    spec = read_model_spec(path)
+    return model_summary(read_model_spec(path), path)
+
+
+def model_summary(spec: Any, path: Path, stored: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The labels every kind of checkpoint shares: the shapes, then what decides whether the model computes
+    correctly (rope, norm eps, tied embeddings, chat template, the special token ids). `stored`: a workspace's
+    values as written where they differ from the model's (padded FFN, duplicated KV heads)."""
+    stored = stored or {}
+
+    def with_stored(key: str, value: Any) -> Any:
+        return f"{value} (stored {stored[key]})" if key in stored and stored[key] != value else value
+
+    rope = f"{spec.rope_scaling_type} x{spec.rope_scaling_factor:g}" if spec.rope_scaling_type else "none"
+    if spec.rope_scaling_type and spec.original_max_position_embeddings:
+        rope += f" (from {spec.original_max_position_embeddings})"
     summary = {"architecture": spec.model_arch, "layers": spec.num_layers, "hidden": spec.hidden_size,
-               "heads": spec.num_heads, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-               "ffn": spec.intermediate_size, "vocab": spec.vocab_size, "dtype": spec.torch_dtype,
+               "heads": spec.num_heads, "kv_heads": with_stored("kv_heads", spec.num_kv_heads),
+               "head_dim": spec.head_dim, "ffn": with_stored("ffn", spec.intermediate_size), "vocab": spec.vocab_size,
+               "dtype": spec.torch_dtype,
                "quantization": f"{spec.quant_method} group {spec.group_size}" if spec.quant_method else "none",
-               "rope_scaling": f"{spec.rope_scaling_type} x{spec.rope_scaling_factor}" if spec.rope_scaling_type else
-               "none", "session_len": spec.session_len, "rope_theta": spec.rope_theta}
+               "session_len": spec.session_len, "rope_theta": f"{spec.rope_theta:g}", "rope_scaling": rope,
+               "norm_eps": f"{spec.norm_eps:g}", "tied_embeddings": "yes" if spec.tie_word_embeddings else "no"}
+    summary.update(_tokenizer_summary(spec, path))
     return summary
+
+
+def _tokenizer_summary(spec: Any, path: Path) -> dict[str, Any]:
+    """Chat template, BOS / EOS / stop ids as the engine will use them (its own tokenizer wrapper)."""
+    from ..serve.banner import describe_chat_template
+    from ..tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer(path, spec.vocab_size, spec.eos_token_ids, spec.arch)
+    except Exception as exc:  # no tokenizer files, or a broken one: say so, the shapes are still worth showing
+        return {"tokenizer": f"not readable ({exc})"}
+    return {"chat_template": describe_chat_template(tok.chat_template),
+            "bos_id": spec.bos_token_id if spec.bos_token_id is not None else "none",
+            "eos_ids": ", ".join(map(str, spec.eos_token_ids)) or "none",
+            "stop_ids": ", ".join(map(str, tok.stop_token_ids)) or "none"}
 
 
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -105,15 +136,13 @@ def _bin_entries(path: Path) -> list[TensorEntry]:
 
 
 def _inspect_workspace(path: Path) -> Inspection:
-    from .workspace import read_workspace_config, weights_dir, workspace_files
+    from .workspace import read_workspace_config, weights_dir, workspace_files, workspace_spec
 
     cfg = read_workspace_config(path)
-    summary = {"architecture": cfg.model_arch, "tp": cfg.tp, "weight_type": cfg.weight_type,
-               "model_format": cfg.model_format, "group_size": cfg.group_size, "layers": cfg.num_layer,
-               "hidden": cfg.hidden_units, "heads": cfg.head_num, "kv_heads (stored)": cfg.kv_head_num,
-               "head_dim": cfg.size_per_head, "ffn (padded)": cfg.inter_size, "vocab": cfg.vocab_size,
-               "rope_scaling": f"{cfg.rope_scaling_type} x{cfg.rope_scaling_factor}" if cfg.rope_scaling_type else
-               "none", "session_len": cfg.session_len}
+    spec = workspace_spec(path, cfg)
+    summary = model_summary(spec, path, stored={"kv_heads": cfg.kv_head_num, "ffn": cfg.inter_size})
+    summary["dtype"] = cfg.weight_type
+    summary.update({"tp": cfg.tp, "model_format": cfg.model_format, "session_len": cfg.session_len})
     _, files = workspace_files(path)
     known = {fname: (tuple(shape), str(dtype).removeprefix("torch."))
              for _, parts in files.values() for fname, shape, dtype in parts}

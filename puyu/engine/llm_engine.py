@@ -78,6 +78,7 @@ class LLMEngine:
         self.device = resolve_device(config)
         cpu_threads(config)
         self.spec, weights, self.dtype = load_weights(self.model_path, config, self.device)
+        self.weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())  # sizes the cpu KV cache
         self.model = DecoderModel(self.spec, weights, self.device, config.kernels)
         self.tokenizer = Tokenizer(self.model_path, self.spec.vocab_size, self.spec.eos_token_ids, self.spec.arch)
         self._init_cache()
@@ -87,7 +88,7 @@ class LLMEngine:
     def _init_cache(self) -> None:
         c, s = self.config, self.spec
         session_len = c.session_len or s.session_len
-        blocks = num_cache_blocks(c, s, self.dtype, self.device, session_len)
+        blocks = num_cache_blocks(c, s, self.dtype, self.device, session_len, self.weight_bytes)
         capacity = blocks * c.cache_block_seq_len
         if capacity < session_len:
             log.warning("session_len %d clamped to the KV cache capacity %d tokens", session_len, capacity)

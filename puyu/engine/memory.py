@@ -2,12 +2,15 @@
 
 `cache_max_entry_count` >= 1 is an absolute block count. Below 1 it is a fraction of the free memory, measured after
 the weights are loaded: `torch.cuda.mem_get_info` on cuda; on cpu the available RAM (psutil, else /proc/meminfo), of
-which at most `CPU_CACHE_CAP_BYTES` (4 GiB) is taken, so a tiny model on a shared machine does not claim all RAM.
-Either way a fraction never allocates more blocks than `max_batch_size` full sessions need.
+which at most `cpu_cache_cap(weight_bytes)` is taken: the size of the weights, kept within `CPU_CACHE_MIN_BYTES`
+(512 MiB) and `CPU_CACHE_CAP_BYTES` (4 GiB). A small model on a shared machine thus does not claim gigabytes it
+cannot use (a CPU decodes a few sessions at a time; SmolLM2-135M gets 512 MiB, tens of thousands of tokens), while a
+7B model keeps the 4 GiB. Either way a fraction never allocates more blocks than `max_batch_size` full sessions need.
 """
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -16,6 +19,7 @@ from ..convert.spec import ModelSpec
 from .kv_cache import KVCacheStorage
 
 CPU_CACHE_CAP_BYTES = 4 * 1024 ** 3
+CPU_CACHE_MIN_BYTES = 512 * 1024 ** 2
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -67,8 +71,16 @@ def available_bytes(device: torch.device) -> int:
         return info.get("MemAvailable", info.get("MemFree", 0))
 
 
+def cpu_cache_cap(weight_bytes: Optional[int]) -> int:
+    """The most KV-cache bytes a fraction takes on cpu: the weights' size within [512 MiB, 4 GiB] (4 GiB when the
+    weights' size is unknown)."""
+    if weight_bytes is None:
+        return CPU_CACHE_CAP_BYTES
+    return max(CPU_CACHE_MIN_BYTES, min(int(weight_bytes), CPU_CACHE_CAP_BYTES))
+
+
 def num_cache_blocks(config: EngineConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                     session_len: int) -> int:
+                     session_len: int, weight_bytes: Optional[int] = None) -> int:
     count = config.cache_max_entry_count
     if count >= 1:
         return int(count)
@@ -76,7 +88,7 @@ def num_cache_blocks(config: EngineConfig, spec: ModelSpec, dtype: torch.dtype, 
                                                spec.head_dim, dtype, config.quant_policy)
     budget = available_bytes(device) * count
     if device.type == "cpu":
-        budget = min(budget, CPU_CACHE_CAP_BYTES)
+        budget = min(budget, cpu_cache_cap(weight_bytes))
     blocks_per_session = -(-session_len // config.cache_block_seq_len)
     blocks = min(int(budget // per_block), config.max_batch_size * blocks_per_session)
     if blocks < 1:

@@ -14,11 +14,13 @@ from .turbomind import unavailable_reason
 @dataclass
 class BackendChoice:
     name: str  # native | turbomind
-    note: str = ""  # why an automatic choice fell back to native
+    note: str = ""  # why an automatic choice fell back to native on a machine with a CUDA GPU (else nothing to say)
 
 
 def choose_backend(requested: Optional[str]) -> BackendChoice:
-    """`--backend` as given; without one, TurboMind where it can run, else native (with the one-line reason)."""
+    """`--backend` as given; without one, TurboMind where it can run, else native. The one-line reason for not
+    using TurboMind is a note only on a machine with a CUDA GPU: on a CPU-only one native is the only choice, and
+    saying so at every start is noise."""
     if requested == "native":
         return BackendChoice("native")
     reason = unavailable_reason()
@@ -27,7 +29,7 @@ def choose_backend(requested: Optional[str]) -> BackendChoice:
             raise ValueError(f"--backend turbomind: {reason}")
         return BackendChoice("turbomind")
     if reason:
-        return BackendChoice("native", f"TurboMind not used: {reason}")
+        return BackendChoice("native", f"TurboMind not used: {reason}" if _has_cuda() else "")
     return BackendChoice("turbomind")
 
 
@@ -41,3 +43,12 @@ def build_engine(model: Optional[str], backend: str, config: EngineConfig) -> En
     from ..engine import AsyncEngine
 
     return AsyncEngine(path, config)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken torch: the engine reports it when it loads
+        return False

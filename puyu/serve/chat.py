@@ -9,7 +9,7 @@ import asyncio
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Optional, TextIO
 
 from ..config import GenerationConfig
 from ..engine.client import EngineClient
@@ -63,6 +63,7 @@ class TerminalChat:
         self.read = read
         self.out = out
         self.loop = asyncio.new_event_loop()
+        self.finish_reason: Optional[str] = None  # of the last reply
 
     def write(self, text: str) -> None:
         self.out.write(text)
@@ -129,6 +130,9 @@ class TerminalChat:
             self.conv.messages.pop()
             return
         self.write("\n")
+        if self.finish_reason == "length":  # kept in the history: the next turn may ask to go on
+            self.write(f"(reply cut at {self.gen_config.max_new_tokens} tokens: --max-new-tokens raises the "
+                       f"limit)\n")
         self.conv.messages.append({"role": "assistant", "content": reply})
 
     def _cancel_pending(self) -> None:
@@ -141,9 +145,11 @@ class TerminalChat:
 
     async def _stream(self) -> str:
         parts: list[str] = []
+        self.finish_reason = None
         stream = self.engine.generate(list(self.conv.messages), self.gen_config)
         try:
             async for out in stream:
+                self.finish_reason = out.finish_reason or self.finish_reason
                 if out.text:
                     parts.append(out.text)
                     self.write(out.text)

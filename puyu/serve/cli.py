@@ -4,7 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
+                      DEFAULT_TOP_P, EngineConfig, GenerationConfig, default_repetition_penalty)
+from ..resolve import check_model_path
 from .options import add_engine_args, engine_config_from_args
+from .ports import check_bindable
 
 DEFAULT_HOST = "127.0.0.1"  # LMDeploy listens on 0.0.0.0; pass --server-name 0.0.0.0 to listen on every interface
 DEFAULT_PORT = 23333
@@ -41,36 +45,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     who.add_argument("--system", default=None, help="system prompt")
     who.add_argument("--persona", default=None,
                      help="persona from configs/personas (file stem or name, e.g. bajie or 八戒) or a YAML file")
-    chat.add_argument("--max-new-tokens", type=int, default=512)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--top-k", type=int, default=0)
-    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    # the same defaults as the server's and the web UI's (config.py)
+    chat.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                      help=f"longest reply in tokens (default {DEFAULT_MAX_NEW_TOKENS}); a cut reply is marked")
+    chat.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                      help=f"0: greedy (default {DEFAULT_TEMPERATURE})")
+    chat.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help=f"default {DEFAULT_TOP_P}")
+    chat.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=f"0: no cut (default {DEFAULT_TOP_K})")
+    chat.add_argument("--repetition-penalty", type=float, default=None,
+                      help=f"default {DEFAULT_REPETITION_PENALTY} when sampling, 1.0 (none) when greedy")
     chat.add_argument("--seed", type=int, default=None)
     chat.set_defaults(func=run_chat)
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace, config: EngineConfig):
     from .backends import build_engine, choose_backend
+    from .banner import engine_banner
 
-    config = engine_config_from_args(args)
     choice = choose_backend(args.backend)
     if choice.note:
         print(f"puyu: {choice.note}; using the native engine", file=sys.stderr)
-    return build_engine(args.model, choice.name, config), choice.name
+    engine = build_engine(args.model, choice.name, config)
+    print(f"puyu: {engine_banner(engine)}", file=sys.stderr, flush=True)
+    return engine, choice.name
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .api_server import create_app, run_server
-
-    if not 0 < args.server_port < 65536:
-        raise ValueError(f"--server-port: {args.server_port} is not a TCP port")
+    # every check that needs no model comes first, before torch is imported, so a mistake is reported at once
     if args.max_request_bytes < 1024:
         raise ValueError(f"--max-request-bytes: {args.max_request_bytes} is too small (at least 1024)")
+    check_model_path(args.model)
+    config = engine_config_from_args(args)
+    check_bindable(args.server_name, args.server_port)
+    from .api_server import create_app, run_server
     from .middleware import default_allowed_hosts
 
     hosts = args.allowed_hosts if args.allowed_hosts is not None else default_allowed_hosts(args.server_name)
-    engine, backend = _engine(args)
+    engine, backend = _engine(args, config)
     app = create_app(engine, model_name=args.model_name, api_keys=args.api_keys or (),
                      max_request_bytes=args.max_request_bytes, allowed_hosts=hosts,
                      allowed_origins=args.allowed_origins or ())
@@ -84,16 +95,26 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def chat_generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """`puyu chat`'s sampling options; with no flags given, the server's and the web UI's defaults."""
+    penalty = args.repetition_penalty
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, random_seed=args.seed,
+                            repetition_penalty=default_repetition_penalty(args.temperature) if penalty is None
+                            else penalty)
+
+
 def run_chat(args: argparse.Namespace) -> int:
-    from ..config import GenerationConfig
-    from ..webui.personas import Persona
+    from ..webui.personas import Persona, language_note
     from .chat import TerminalChat, find_persona
 
     persona = find_persona(args.persona) if args.persona else Persona(system=args.system or "")
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                           temperature=args.temperature, top_p=args.top_p,
-                           top_k=args.top_k, repetition_penalty=args.repetition_penalty, random_seed=args.seed)
-    engine, _ = _engine(args)
+    gen = chat_generation_config(args)
+    check_model_path(args.model)
+    engine, _ = _engine(args, engine_config_from_args(args))
+    note = language_note(persona, getattr(engine, "tokenizer", None))
+    if note:  # the persona still runs: the user chose it, and may know better
+        print(f"puyu: note: {note}", file=sys.stderr, flush=True)
     try:
         return TerminalChat(engine, gen, persona).run()
     finally:

@@ -14,7 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from ..config import REPETITION_PENALTY_RANGE, GenerationConfig
+from ..config import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, REPETITION_PENALTY_RANGE, GenerationConfig,
+                      default_repetition_penalty)
 
 MAX_N = 16
 MAX_STOP = 16
@@ -231,13 +232,16 @@ class _Sampling(_Strict):
     def generation_config(self, max_new_tokens: int, logprobs: Optional[int], skip_special: bool,
                           choice: int = 0) -> GenerationConfig:
         """The engine's sampling options for choice number `choice` (n>1 runs n requests with seeds seed+i)."""
-        temperature = 1.0 if self.temperature is None else self.temperature
+        # omitted sampling fields take puyu's defaults (config.py), the same as `puyu chat` and the web UI
+        temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
         seed = None if self.seed is None else self.seed + choice
         return GenerationConfig(
             max_new_tokens=max_new_tokens, min_new_tokens=self.min_new_tokens or 0,
             do_sample=temperature > 0, temperature=temperature,  # GenerationConfig decodes tiny ones greedily
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            top_p=DEFAULT_TOP_P if self.top_p is None else self.top_p,
+            top_k=DEFAULT_TOP_K if self.top_k is None else self.top_k,
+            repetition_penalty=(default_repetition_penalty(temperature) if self.repetition_penalty is None
+                                else self.repetition_penalty),
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             random_seed=seed, stop_words=self.stop_words(), ignore_eos=bool(self.ignore_eos),
             skip_special_tokens=skip_special, logprobs=logprobs)

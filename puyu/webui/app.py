@@ -38,6 +38,7 @@ def build_app(backend: ChatBackend, config: Optional[AppConfig] = None) -> gr.Bl
     # the "unclosed event loop" warning is formatted inside the garbage collector, and that import can break an
     # import running at the same time on CPython 3.11 (KeyError in importlib's module locks): keep it quiet.
     warnings.filterwarnings("ignore", message="unclosed event loop", category=ResourceWarning)
+    quiet_gradio_warnings()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"## {TITLE}")
         with gr.Tabs():
@@ -47,6 +48,16 @@ def build_app(backend: ChatBackend, config: Optional[AppConfig] = None) -> gr.Bl
                 _analysis_tab(config.analysis)
     app.queue(default_concurrency_limit=16)
     return app
+
+
+def quiet_gradio_warnings() -> None:
+    """Gradio's queue builds a pandas frame with options pandas 3 deprecates, for every event: a Pandas4Warning per
+    click floods the log. They are Gradio's to fix, not the user's: silenced for Gradio's modules only."""
+    try:
+        from pandas.errors import Pandas4Warning
+    except ImportError:  # pandas < 3 warns nothing of the kind
+        return
+    warnings.filterwarnings("ignore", category=Pandas4Warning, module=r"gradio(\.|$)")
 
 
 def _analysis_tab(service: Optional["AnalysisService"]) -> None:

@@ -40,6 +40,9 @@ class EngineBackend:
         """`engine` follows the AsyncEngine contract (puyu.serve.backends.build_engine makes one)."""
         self.engine = engine
         self.description = f"in-process engine · {engine.model_name}"
+        # what the chat tab picks personas by: the model's name and architecture, and its tokenizer
+        self.model_id = f"{engine.model_name} {getattr(getattr(engine, 'spec', None), 'arch', '') or ''}".strip()
+        self.tokenizer = getattr(engine, "tokenizer", None)
 
     async def stream(self, messages: list[dict[str, str]], settings: ChatSettings) -> AsyncIterator[ChatChunk]:
         try:
@@ -72,6 +75,23 @@ class OpenAIBackend:
         self.model = model
         self.api_key = api_key
         self.description = f"OpenAI-compatible server · {base_url}"
+        self.model_id = model or ""  # what the chat tab picks personas by (the server's model, when named)
+        self.tokenizer = None  # not known here: no language notes for a remote model
+
+    def probe_model_id(self, timeout: float = 3.0) -> str:
+        """The model the server serves (GET /models), for picking the starting persona; '' when the server does
+        not answer now (the page reports that on the first message)."""
+        import httpx
+
+        if self.model:
+            return self.model
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            data = httpx.get(f"{self.base_url}/models", headers=headers, timeout=timeout).json().get("data") or []
+            self.model_id = str(data[0].get("id", "")) if data else ""
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+            self.model_id = ""
+        return self.model_id
 
     async def _model(self) -> str:
         if self.model is None:

@@ -37,7 +37,8 @@ class Conversation:
 
 def format_status(finish_reason: Optional[str], prompt_tokens: Optional[int],
                   completion_tokens: Optional[int]) -> str:
-    parts = [f"finish: {finish_reason}"]
+    # 'length': the reply hit the max-new-tokens limit mid-way; say so, it is not the model's own end
+    parts = [f"finish: {finish_reason}" + (" (reply cut: Max new tokens reached)" if finish_reason == "length" else "")]
     if prompt_tokens is not None:
         parts.append(f"prompt tokens: {prompt_tokens}")
     if completion_tokens is not None:
@@ -86,6 +87,8 @@ async def send(backend: ChatBackend, message: str, conv: Conversation,
         yield conv.display(), conv, "", format_error("type a message first"), message
         return
     conv.messages.append({"role": "user", "content": message})
+    # the question on the page at once, on its own, before the backend is asked (which may take a while)
+    yield conv.display(), conv, "generating…", "", ""
     async for chat, conv, status, error in stream_reply(backend, conv, settings):  # noqa: B020 (each yield is the new state)
         if error and conv.messages[-1] == {"role": "user", "content": message}:
             conv.messages.pop()

@@ -9,7 +9,7 @@ import gradio as gr
 from . import chat
 from .backends import ChatBackend
 from .chat import Conversation, format_error
-from .personas import Persona
+from .personas import Persona, language_note, order_for_model
 from .settings import ChatSettings
 
 # Events that stream from the backend run concurrently across sessions (the engine batches them).
@@ -22,8 +22,26 @@ def _with_system(conv: Conversation, system: str) -> Conversation:
     return conv
 
 
+# Asked in the browser before a persona switch wipes a conversation the user has written in (nothing to lose: no
+# question). Returns the dropdown's value and whether to go on.
+CONFIRM_SWITCH_JS = """(name, _) => {
+  const asked = document.querySelectorAll('#chat-history [data-testid="user"]').length > 0;
+  return [name, !asked || window.confirm('Switch to ' + name + '? This clears the conversation.')];
+}"""
+STOPPED = "stopped: the partial reply is kept"
+
+
+def persona_choices(personas: list[Persona], notes: dict[str, str]) -> list[tuple[str, str]]:
+    """(label, value) pairs: a persona the model may not speak is still offered, marked."""
+    return [(f"{p.name} ⚠ (language)" if notes.get(p.name) else p.name, p.name) for p in personas]
+
+
 def build_chat_tab(backend: ChatBackend, personas: list[Persona], defaults: ChatSettings) -> None:
-    """Add the chat tab's components to the current `gr.Blocks` (inside a `gr.Tab`)."""
+    """Add the chat tab's components to the current `gr.Blocks` (inside a `gr.Tab`). A new session starts with the
+    first persona that suits the model (`order_for_model`)."""
+    personas = order_for_model(personas, getattr(backend, "model_id", ""))
+    tokenizer = getattr(backend, "tokenizer", None)
+    notes = {p.name: language_note(p, tokenizer) for p in personas}
     by_name = {p.name: p for p in personas}
     first = Conversation.start(personas[0])
     conv_state = gr.State(first)
@@ -42,8 +60,10 @@ def build_chat_tab(backend: ChatBackend, personas: list[Persona], defaults: Chat
             status = gr.Markdown("", elem_id="chat-status")
             error = gr.Markdown("", elem_id="chat-error")
         with gr.Column(scale=1):
-            persona = gr.Dropdown([p.name for p in personas], value=personas[0].name, label="Persona",
+            persona = gr.Dropdown(persona_choices(personas, notes), value=personas[0].name, label="Persona",
                                   elem_id="chat-persona")
+            persona_note = gr.Markdown(notes[personas[0].name], elem_id="chat-persona-note")
+            go_on = gr.Checkbox(value=True, visible=False)  # set by CONFIRM_SWITCH_JS
             system = gr.Textbox(value=personas[0].system, label="System prompt", lines=4, elem_id="chat-system")
             with gr.Accordion("Generation settings", open=True):
                 sliders = [
@@ -75,12 +95,15 @@ def build_chat_tab(backend: ChatBackend, personas: list[Persona], defaults: Chat
         async for update in chat.regenerate(backend, _with_system(conv, sys_prompt), settings):
             yield update
 
-    def on_persona(name: str) -> tuple:
+    def on_persona(name: str, confirmed: bool, conv: Conversation) -> tuple:
+        if not confirmed:  # the user kept the conversation: the dropdown goes back
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), conv.persona, gr.skip()
         picked = by_name.get(name)
         if picked is None:
-            return gr.skip(), gr.skip(), gr.skip(), "", format_error(f"unknown persona {name!r}")
-        conv = Conversation.start(picked)
-        return conv.display(), conv, picked.system, "", ""
+            return gr.skip(), gr.skip(), gr.skip(), "", format_error(f"unknown persona {name!r}"), gr.skip(), \
+                gr.skip()
+        fresh = Conversation.start(picked)
+        return fresh.display(), fresh, picked.system, "", "", gr.skip(), notes.get(name, "")
 
     def on_clear(conv: Conversation, sys_prompt: str) -> tuple:
         fresh = Conversation.start(by_name.get(conv.persona, personas[0]), sys_prompt)
@@ -93,8 +116,11 @@ def build_chat_tab(backend: ChatBackend, personas: list[Persona], defaults: Chat
                          concurrency_limit=CONCURRENCY, trigger_mode="once")]
     regen_event = regen_btn.click(on_regenerate, [conv_state, system, *sliders], outputs,
                                   concurrency_limit=CONCURRENCY)
-    stop_btn.click(None, None, None, cancels=[*send_events, regen_event])
-    persona.change(on_persona, [persona], [chatbot, conv_state, system, status, error],
-                   cancels=[*send_events, regen_event])
+    # the status says so once the cancel is through (a streaming event leaves its last 'generating…' behind)
+    stop_btn.click(None, None, None, cancels=[*send_events, regen_event]).then(lambda: STOPPED, None, [status])
+    # `input`, not `change`: setting the dropdown back after a refused switch must not trigger it again
+    persona.input(on_persona, [persona, go_on, conv_state],
+                  [chatbot, conv_state, system, status, error, persona, persona_note],
+                  cancels=[*send_events, regen_event], js=CONFIRM_SWITCH_JS)
     clear_btn.click(on_clear, [conv_state, system], outputs, cancels=[*send_events, regen_event])
     chatbot.clear(on_clear, [conv_state, system], outputs)

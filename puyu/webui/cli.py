@@ -30,17 +30,22 @@ def run(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("gradio") is None:
         raise ValueError("the web UI needs Gradio: pip install 'puyu[webui]' (and 'puyu[agent]' for data analysis)")
+    from ..resolve import check_model_path
     from ..serve.options import engine_config_from_args
-    from .app import AppConfig, build_app, launch
-    from .personas import load_personas
-    from .services import make_analysis_service, make_chat_backend
+    from ..serve.ports import check_bindable
 
+    # every check that needs neither the model nor Gradio comes first, so a mistake is reported at once
     if args.model and args.api_url:
         raise ValueError("give either MODEL (the engine in this process) or --api-url (a server), not both")
-    if not 0 < args.server_port < 65536:
-        raise ValueError(f"--server-port: {args.server_port} is not a TCP port")
-    personas = load_personas(args.personas)
+    check_model_path(args.model)
     engine_config = None if args.api_url else engine_config_from_args(args)
+    from .personas import load_personas
+
+    personas = load_personas(args.personas)
+    check_bindable(args.server_name, args.server_port)
+    from .app import AppConfig, build_app, launch
+    from .services import make_analysis_service, make_chat_backend
+
     backend = make_chat_backend(args.model, args.api_url, args.api_key, args.model_name, engine_config,
                                 args.backend)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -64,3 +64,41 @@ def load_personas(directory: Optional[Path] = None) -> list[Persona]:
             raise ValueError(f"{path}: persona name {persona.name!r} is used twice")
         personas.append(persona)
     return personas + [PLAIN]
+
+
+# A tokenizer that spends more tokens than this per character of a language was (nearly) not trained on it: byte-level
+# fallback gives 2-3 tokens per CJK character (SmolLM2: 2.4), a tokenizer that knows Chinese about 1 or less
+# (InternLM2: 0.8, Qwen2: 0.7).
+FOREIGN_TOKENS_PER_CHAR = 1.6
+
+
+def claims_internlm(persona: Persona) -> bool:
+    """A persona that tells the model it is InternLM (the default one): only right for an InternLM model."""
+    return "internlm" in persona.system.lower()
+
+
+def order_for_model(personas: list[Persona], model_id: str) -> list[Persona]:
+    """The personas with the one a new session starts with first: as given for an InternLM model; for any other,
+    the first one that does not claim to be InternLM (so a Llama model is not told 'You are InternLM')."""
+    if "internlm" in model_id.lower() or not personas:
+        return list(personas)
+    neutral = [p for p in personas if not claims_internlm(p)]
+    return neutral + [p for p in personas if claims_internlm(p)] if neutral else list(personas)
+
+
+def _cjk(text: str) -> str:
+    return "".join(ch for ch in text if "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf")
+
+
+def language_note(persona: Persona, tokenizer: Optional[Any]) -> str:
+    """'' when the model can likely speak the persona's language; else a one-line note for the page. Measured on
+    the model's own tokenizer (tokens per character of the persona's Chinese text); no tokenizer: no note."""
+    text = persona.system + persona.greeting
+    chinese = _cjk(text)
+    if tokenizer is None or len(chinese) < max(8, len(text) // 4):
+        return ""
+    per_char = len(tokenizer.encode(chinese, add_special_tokens=False)) / len(chinese)
+    if per_char <= FOREIGN_TOKENS_PER_CHAR:
+        return ""
+    return (f"{persona.name} speaks Chinese, which this model's tokenizer hardly knows ({per_char:.1f} tokens per "
+            f"character): expect broken or '???' replies; an InternLM model speaks it")

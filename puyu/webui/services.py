@@ -20,13 +20,18 @@ def make_chat_backend(model: Optional[str], api_url: Optional[str], api_key: Opt
     if api_url:
         if not api_url.startswith(("http://", "https://")):
             raise ValueError(f"--api-url: expected an http(s) URL, got {api_url!r}")
-        return OpenAIBackend(api_url, api_key=api_key, model=model_name)
+        backend = OpenAIBackend(api_url, api_key=api_key, model=model_name)
+        backend.probe_model_id()  # the starting persona depends on the model (neutral unless InternLM)
+        return backend
     from ..serve.backends import build_engine, choose_backend
+    from ..serve.banner import engine_banner
 
     choice = choose_backend(engine_backend)
     if choice.note:
         print(f"puyu: {choice.note}; using the native engine", file=sys.stderr)
-    return EngineBackend(build_engine(model, choice.name, engine_config or EngineConfig()))
+    engine = build_engine(model, choice.name, engine_config or EngineConfig())
+    print(f"puyu: {engine_banner(engine)}", file=sys.stderr, flush=True)
+    return EngineBackend(engine)
 
 
 def make_analysis_service(backend: ChatBackend, agent_model: Optional[str] = None,

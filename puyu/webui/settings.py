@@ -4,18 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import GenerationConfig
+from ..config import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
+                      DEFAULT_TOP_P, GenerationConfig)
 
 
 @dataclass(frozen=True)
 class ChatSettings:
     """The sliders of the chat tab. `temperature == 0` means greedy decoding."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.8
-    top_k: int = 40
-    repetition_penalty: float = 1.0
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # the defaults of the server and `puyu chat` (config.py)
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
 
     def __post_init__(self) -> None:
         # GenerationConfig validates every field and names the one that is wrong.

@@ -71,7 +71,7 @@ def render_partial(text: str) -> list[Message]:
 def run_summary(e: dict) -> str:
     """The status line for a `run_end` event."""
     usage = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in (e.get("usage") or {}).items())
-    line = f"**{e['status']}** · {e['turns']} model turn(s) · {e['duration_s']} s"
+    line = f"**{e.get('summary') or e['status']}** · {e['turns']} model turn(s) · {e['duration_s']} s"
     if usage:
         line += f" · {usage}"
     if e.get("error"):

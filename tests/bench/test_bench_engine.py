@@ -51,7 +51,7 @@ def test_engine_bench_takes_the_serve_engine_options(internlm2_checkpoint, tmp_p
 def test_latency_sweep(internlm2_checkpoint, tmp_path):
     code, out, err = run_cli(["bench", "latency", str(internlm2_checkpoint), "--input-len", "16", "--output-len", "5",
                               "--batch", "1", "3", "--rounds", "2", "--result-dir", str(tmp_path), "--label", "lat",
-                              "--cache-max-entry-count", "64"])
+                              "--cache-max-entry-count", "64", "--show-formulas", "--no-progress"])
     assert code == 0, out[-2000:] + err
     data = json.loads((tmp_path / "lat.json").read_text())
     assert [(r["batch"], r["completed"], r["failed"]) for r in data["rows"]] == [(1, 2, 0), (3, 6, 0)]

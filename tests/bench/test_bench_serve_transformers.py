@@ -50,7 +50,7 @@ def read_jsonl(path):
 def test_chat_run_writes_summary_requests_and_plot(tf_server, tmp_path):
     server, model = tf_server
     proc = run_puyu(bench_args(server.base_url, model, tmp_path, "tf-chat", "--max-concurrency", "2",
-                               "--goodput", "ttft:600000", "tpot:600000"))
+                               "--goodput", "ttft:600000", "tpot:600000", "--show-formulas"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + server.log_tail()
     assert "Formulas:" in proc.stdout and "tpot = (e2el - ttft) / (output_tokens - 1)" in proc.stdout
     summary = json.loads((tmp_path / "tf-chat.json").read_text())
@@ -85,7 +85,7 @@ def test_completions_sweep_writes_sweep_files(tf_server, tmp_path):
     for name in ("tf-cmpl-c1.json", "tf-cmpl-c3.json", "tf-cmpl-c3.requests.jsonl", "tf-cmpl.sweep.png"):
         assert (tmp_path / name).exists(), name
     code, out, err = run_cli(["bench", "compare", str(tmp_path / "tf-cmpl-c1.json"), str(tmp_path / "tf-cmpl-c3.json"),
-                              "--plot", str(tmp_path / "cmp.png")])
+                              "--plot", str(tmp_path / "cmp.png"), "--show-formulas"])
     assert code == 0, err
     assert "tf-cmpl-c3 / tf-cmpl-c1" in out and "output tok/s" in out and "Formulas:" in out
     assert (tmp_path / "cmp.png").exists()

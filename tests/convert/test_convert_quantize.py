@@ -77,14 +77,14 @@ def test_quantize_cli_with_calibration(checkpoint_factory, calib, tmp_path, caps
 
 def test_inspect_checkpoint_and_workspace(checkpoint_factory, tmp_path, capsys):
     src = checkpoint_factory("qwen2")
-    assert main(["inspect", str(src)]) == 0
+    assert main(["inspect", str(src), "--tensors"]) == 0
     out = capsys.readouterr().out
     assert "HF checkpoint" in out and "Qwen2ForCausalLM" in out and "model.layers.1.self_attn.q_proj.bias" in out
     assert main(["convert", str(src), "--dst-path", str(tmp_path / "ws"), "--tp", "2", "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["inspect", str(tmp_path / "ws")]) == 0
+    assert main(["inspect", str(tmp_path / "ws"), "--tensors"]) == 0
     out = capsys.readouterr().out
-    assert "TurboMind workspace" in out and "tp: 2" in out and "weight_type: float16" in out
+    assert "TurboMind workspace" in out and "tp: 2" in out and "dtype: float16" in out
     line = next(ln for ln in out.splitlines() if "layers.0.attention.w_qkv.1.weight" in ln)
     assert line.split()[1:] == ["64x64", "float16", str(64 * 64 * 2)]  # (4 + 2*2) heads x 16 / 2 ranks
     total = sum(f.stat().st_size for f in (tmp_path / "ws/triton_models/weights").iterdir() if f.name != "config.yaml")

@@ -33,6 +33,10 @@ class Recording:
     def __init__(self, inner):
         self.inner = inner
         self.description = inner.description
+        self.model_id = getattr(inner, "model_id", "")
+        self.tokenizer = getattr(inner, "tokenizer", None)
+        self.hold_start = False  # hold before the first chunk, until release()
+        self.starting = threading.Event()
         self.requests: list[tuple[list[dict], object]] = []
         self.replies: list[str] = []
         self.hold = False
@@ -46,6 +50,11 @@ class Recording:
         self.requests.append(([dict(m) for m in messages], settings))
         self._released.clear()
         held, text = False, ""
+        if self.hold_start:
+            self.starting.set()
+            await asyncio.to_thread(self._released.wait, expect_timeout_ms / 1000)
+            self.starting.clear()
+            self._released.clear()
         async for chunk in self.inner.stream(messages, settings):
             text += chunk.text
             yield chunk
