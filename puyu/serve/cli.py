@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .options import add_engine_args, engine_config_from_args
 
@@ -28,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                        help="browser origins allowed to call the API, with CORS headers ('*': any; default: none "
                             "but the server's own)")
+    serve.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
+                       help="image parts may name local files under DIR (default: data: URLs only)")
     serve.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model folder's)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=run_serve)
@@ -70,10 +73,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from .middleware import default_allowed_hosts
 
     hosts = args.allowed_hosts if args.allowed_hosts is not None else default_allowed_hosts(args.server_name)
+    media = args.allowed_local_media_path
+    if media is not None and not media.is_dir():
+        raise ValueError(f"--allowed-local-media-path: {media} is not a directory")
     engine, backend = _engine(args)
     app = create_app(engine, model_name=args.model_name, api_keys=args.api_keys or (),
                      max_request_bytes=args.max_request_bytes, allowed_hosts=hosts,
-                     allowed_origins=args.allowed_origins or ())
+                     allowed_origins=args.allowed_origins or (), allowed_local_media_path=media)
     print(f"puyu serve: {app.state.model_name} ({backend} backend) on http://{args.server_name}:{args.server_port}"
           f"{' (API keys required)' if args.api_keys else ''}", file=sys.stderr, flush=True)
     try:

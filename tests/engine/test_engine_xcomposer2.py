@@ -22,7 +22,7 @@ from puyu.engine.llm_engine import LLMEngine
 from puyu.engine.multimodal import IMAGE_TOKEN, PLACEHOLDER_ID
 from puyu.engine.sequence import ScheduledSeq, Sequence
 from puyu.config import GenerationConfig
-from puyu.tiny_xcomposer2 import TinyVisionShape, build_xcomposer2_checkpoint
+from puyu.tiny_xcomposer2 import TinyVisionShape
 
 NEW_TOKENS = 12
 TOKENS_PER_IMAGE = TinyVisionShape().image_tokens
@@ -42,8 +42,8 @@ def _ask(*parts) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_xcomposer2_checkpoint(tmp_path_factory.mktemp("xcomposer2"), torch.float16, seed=5)
+def checkpoint(xcomposer2_checkpoint):
+    return xcomposer2_checkpoint
 
 
 @pytest.fixture(scope="module")
