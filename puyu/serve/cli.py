@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     who.add_argument("--system", default=None, help="system prompt")
     who.add_argument("--persona", default=None,
                      help="persona from configs/personas (file stem or name, e.g. bajie or 八戒) or a YAML file")
+    chat.add_argument("--image", type=Path, default=None, metavar="FILE",
+                      help="an image for a vision model (XComposer2-VL), sent with the first question")
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     chat.add_argument("--top-p", type=float, default=1.0)
@@ -90,6 +92,13 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_image(path: Path):
+    """The decoded image of --image (errors name the file)."""
+    from ..engine.multimodal import load_image
+
+    return load_image(path, "--image")
+
+
 def run_chat(args: argparse.Namespace) -> int:
     from ..config import GenerationConfig
     from ..webui.personas import Persona
@@ -99,9 +108,12 @@ def run_chat(args: argparse.Namespace) -> int:
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                            temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, random_seed=args.seed)
+    image = _chat_image(args.image) if args.image is not None else None
     engine, _ = _engine(args)
     try:
-        return TerminalChat(engine, gen, persona).run()
+        if image is not None and not getattr(getattr(engine, "spec", None), "vision", ""):
+            raise ValueError(f"--image: model {engine.model_name} has no vision (it takes text only)")
+        return TerminalChat(engine, gen, persona, image=image).run()
     finally:
         if hasattr(engine, "close"):
             engine.close()
