@@ -62,6 +62,10 @@ def _inspect_hf(path: Path) -> Inspection:
     if not tensors:
         for f in sorted(path.glob("pytorch_model*.bin")):
             tensors += _bin_entries(f)
+    if summary.get("img_size"):
+        from .xcomposer2 import vision_summary
+
+        summary.update(vision_summary({t.name: t.shape for t in tensors}, summary.pop("img_size"), path))
     return Inspection(path, "hf", summary, tensors)
 
 
@@ -73,6 +77,8 @@ def _inspect_hf_summary(path: Path) -> dict[str, Any]:
                "quantization": f"{spec.quant_method} group {spec.group_size}" if spec.quant_method else "none",
                "rope_scaling": f"{spec.rope_scaling_type} x{spec.rope_scaling_factor}" if spec.rope_scaling_type else
                "none", "session_len": spec.session_len, "rope_theta": spec.rope_theta}
+    if spec.vision:
+        summary["img_size"] = spec.img_size  # _inspect_hf turns it into the vision lines
     return summary
 
 

@@ -45,30 +45,48 @@ def iter_plora_tensors(get: Callable[[str], torch.Tensor], spec: ModelSpec) -> I
             yield f"layers.{i}.{tm}.lora_b.weight", b.t().contiguous()
 
 
-def clip_config_from_weights(files: CheckpointFiles):
-    """A `CLIPVisionConfig` for the tower, from its tensors' shapes alone (offline: no hub config needed).
+def clip_fields(shape_of: Callable[[str], tuple[int, ...]], names: list[str], where: object) -> dict:
+    """`CLIPVisionConfig` fields of the tower from its tensors' shapes alone (offline: no hub config needed).
 
     hidden = the patch embedding's output channels, patch = its kernel, image size = patch * sqrt(positions - 1),
     layers = the number of `encoder.layers.N`, intermediate = fc1's rows, heads = hidden / 64; CLIP's activation
-    (quick_gelu) and LayerNorm eps (1e-5) are fixed by the architecture.
+    (quick_gelu) and LayerNorm eps (1e-5) are fixed by the architecture. `where` names the checkpoint in errors.
     """
-    from transformers import CLIPVisionConfig
-
-    patch = files.get(VISION_PREFIX + "embeddings.patch_embedding.weight")
-    positions = files.get(VISION_PREFIX + "embeddings.position_embedding.weight").shape[0]
-    hidden, channels, p = int(patch.shape[0]), int(patch.shape[1]), int(patch.shape[2])
+    try:
+        patch = shape_of(VISION_PREFIX + "embeddings.patch_embedding.weight")
+        positions = shape_of(VISION_PREFIX + "embeddings.position_embedding.weight")[0]
+        inter = shape_of(VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight")[0]
+    except (KeyError, CheckpointError):
+        raise CheckpointError(f"{where}: no CLIP vision tower under {VISION_PREFIX!r}") from None
+    hidden, channels, p = int(patch[0]), int(patch[1]), int(patch[2])
     side = round((positions - 1) ** 0.5)
     if side * side != positions - 1 or hidden % CLIP_HEAD_DIM:
-        raise CheckpointError(f"{files.model_dir}: the CLIP tower's shapes are not a square ViT with 64-wide heads "
+        raise CheckpointError(f"{where}: the CLIP tower's shapes are not a square ViT with 64-wide heads "
                               f"(positions {positions}, hidden {hidden})")
-    layer_ids = {int(m.group(1)) for n in files.names()
+    layer_ids = {int(m.group(1)) for n in names
                  if (m := re.match(re.escape(VISION_PREFIX) + r"encoder\.layers\.(\d+)\.", n))}
-    if not layer_ids:
-        raise CheckpointError(f"{files.model_dir}: no CLIP encoder layers under {VISION_PREFIX!r}")
-    inter = int(files.get(VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight").shape[0])
-    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=max(layer_ids) + 1,
-                            num_attention_heads=hidden // CLIP_HEAD_DIM, image_size=side * p, patch_size=p,
-                            num_channels=channels, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return dict(hidden_size=hidden, intermediate_size=int(inter), num_hidden_layers=max(layer_ids) + 1,
+                num_attention_heads=hidden // CLIP_HEAD_DIM, image_size=side * p, patch_size=p,
+                num_channels=channels, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def clip_config_from_weights(files: CheckpointFiles):
+    """A `CLIPVisionConfig` for the tower of a checkpoint (see `clip_fields`)."""
+    from transformers import CLIPVisionConfig
+
+    fields = clip_fields(lambda n: tuple(files.get(n).shape), files.names(), files.model_dir)
+    return CLIPVisionConfig(**fields)
+
+
+def vision_summary(shapes: dict[str, tuple[int, ...]], img_size: int, where: object) -> dict:
+    """What `puyu inspect` shows of the vision side, from tensor shapes (headers only)."""
+    f = clip_fields(lambda n: shapes[n], list(shapes), where)
+    lora = shapes.get("model.layers.0.attention.wqkv.Plora_A.weight")
+    side = f["image_size"] // f["patch_size"]
+    return {"vision": f"CLIP ViT ({f['num_hidden_layers']} layers, hidden {f['hidden_size']}, "
+                      f"{f['num_attention_heads']} heads, patch {f['patch_size']}) at {f['image_size']} px",
+            "image_tokens": f"{side}x{side} = {side * side} per image (img_size {img_size})",
+            "plora_r": lora[0] if lora else "none"}
 
 
 def vision_state_dict(files: CheckpointFiles) -> dict[str, torch.Tensor]:
