@@ -46,6 +46,7 @@ class ModelSpec:
     group_size: int = 0  # quantisation group size (0 for float weights)
     vision: str = ""  # '' for text-only models, 'xcomposer2' for InternLM-XComposer2 (a CLIP tower + Partial LoRA)
     img_size: int = 0  # the square side images are resized to (vision models only)
+    lora_r: int = 0  # rank of the Partial LoRA tensors (XComposer2); set from the weights by the converter
 
     @property
     def session_len(self) -> int:

@@ -89,7 +89,12 @@ class LLMEngine:
     def _load_vision(self):
         if not self.spec.vision:
             return None
+        from ..convert import is_workspace
         from .xcomposer2_vision import XComposer2Vision
+
+        if is_workspace(self.model_path):
+            raise CheckpointError(f"{self.model_path}: a TurboMind workspace holds no vision tower; serve the "
+                                  f"HF checkpoint of this {self.spec.model_arch} model")
 
         return XComposer2Vision(self.model_path, self.dtype, self.device)
 

@@ -75,3 +75,23 @@ def test_inspect_shows_the_vision_side(xcomposer2_checkpoint, tmp_path, capsys):
     assert "image_tokens: 4x4 = 16 per image" in out and "plora_r: 8" in out
     assert main(["inspect", str(_bin_copy(xcomposer2_checkpoint, tmp_path / "bin"))]) == 0
     assert "plora_r: 8" in capsys.readouterr().out
+
+
+def test_convert_round_trip_and_workspace_refused_by_the_vl_engine(xcomposer2_checkpoint, tmp_path):
+    """`puyu convert` writes the PLoRA files; reading the workspace back gives the reader's tensors; the native
+    engine refuses the workspace (no vision tower in it) with a message naming it."""
+    import pytest
+
+    from puyu.config import EngineConfig
+    from puyu.convert.spec import CheckpointError
+    from puyu.convert.workspace import read_workspace
+    from puyu.engine.llm_engine import LLMEngine
+
+    ws = tmp_path / "ws"
+    assert main(["convert", str(xcomposer2_checkpoint), "--dst-path", str(ws), "--tp", "2", "--no-progress"]) == 0
+    _, expected = load_model_weights(xcomposer2_checkpoint)
+    spec, got = read_workspace(ws)
+    assert spec.lora_r == 8 and got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    with pytest.raises(CheckpointError, match="holds no vision tower"):
+        LLMEngine(ws, EngineConfig(dtype="float32", cache_max_entry_count=16))
