@@ -176,6 +176,8 @@ def test_bad_image_inputs(engine, internlm2_checkpoint):
         engine.prepare_request(_ask(f"{IMAGE_TOKEN}{IMAGE_TOKEN}", _image(0)))
     with pytest.raises(ValueError, match=r"messages\[1\]\.content\[0\]: not an image"):
         engine.prepare_request(_ask(b"not a png", "hi"))
+    with pytest.raises(ValueError, match=r"messages: 9 images, over the limit of 8 per request"):
+        engine.prepare_request(_ask(*[_image(0)] * 9, "so many"))
     text_only = _engine(internlm2_checkpoint)
     with pytest.raises(ValueError, match=r"messages\[1\]\.content\[1\]: model .* has no vision"):
         text_only.prepare_request(_ask("hi", _image(0)))
