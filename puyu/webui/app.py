@@ -1,4 +1,4 @@
-"""The Gradio app: a chat tab and a data-analysis tab, each holding its own per-session state."""
+"""The Gradio app: a chat tab, an image Q&A tab and a data-analysis tab, each holding its own per-session state."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,7 @@ import gradio as gr  # noqa: E402
 
 from .backends import ChatBackend  # noqa: E402
 from .chat_tab import build_chat_tab  # noqa: E402
+from .image_tab import build_image_tab  # noqa: E402
 from .personas import Persona, load_personas  # noqa: E402
 from .settings import ChatSettings  # noqa: E402
 
@@ -40,6 +41,8 @@ def build_app(backend: ChatBackend, config: Optional[AppConfig] = None) -> gr.Bl
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 build_chat_tab(backend, config.personas, config.chat_defaults)
+            with gr.Tab("Image Q&A", id="image", elem_id="tab-image"):
+                build_image_tab(backend, config.chat_defaults)
             with gr.Tab("Data analysis", id="analysis", elem_id="tab-analysis"):
                 _analysis_tab(config.analysis)
     app.queue(default_concurrency_limit=16)
