@@ -96,7 +96,11 @@ class LLMEngine:
             raise CheckpointError(f"{self.model_path}: a TurboMind workspace holds no vision tower; serve the "
                                   f"HF checkpoint of this {self.spec.model_arch} model")
 
-        return XComposer2Vision(self.model_path, self.dtype, self.device)
+        vision = XComposer2Vision(self.model_path, self.dtype, self.device)
+        if vision.img_size != self.spec.img_size:
+            raise CheckpointError(f"{self.model_path / 'config.json'}: img_size {self.spec.img_size} does not match "
+                                  f"the CLIP position table ({vision.img_size} px)")
+        return vision
 
     def _init_cache(self) -> None:
         c, s = self.config, self.spec

@@ -153,6 +153,24 @@ def test_prefix_cache_is_keyed_by_image(checkpoint):
     assert got_a2 == _generate(fresh, prompt_a, "a-fresh")[0]
 
 
+def test_preempted_image_requests_recompute_the_same(checkpoint):
+    """A cache too small for three image requests at once: some are preempted and recomputed (their image
+    features spliced in again), and every reply equals the reply it gets alone."""
+    prompts = [_ask(f"Picture {i}: ", _image(20 + i), "tell me more") for i in range(3)]
+    alone = [_generate(_engine(checkpoint), p, f"alone-{i}", 40)[0] for i, p in enumerate(prompts)]
+    # 11 blocks of 16: two prompts of about 69 tokens (5 blocks each) start together, then grow to 7 blocks each
+    eng = _engine(checkpoint, cache_max_entry_count=11, enable_prefix_caching=False)
+    for i, p in enumerate(prompts):
+        ids, spans = eng.prepare_request(p)
+        eng.add_request(f"r{i}", ids, greedy(40), spans)
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(3)}
+    while eng.requests:
+        for out in eng.step():
+            got[out.request_id] += out.token_ids
+    assert eng.scheduler.num_preemptions > 0
+    assert [got[f"r{i}"] for i in range(3)] == alone
+
+
 def test_kv_int8_agrees(checkpoint, engine):
     """KV int8 with an image in the prompt: the last prompt logits stay close and greedy tokens mostly agree."""
     image = _image(8)
