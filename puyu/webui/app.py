@@ -1,4 +1,5 @@
-"""The Gradio app: a chat tab, an image Q&A tab and a data-analysis tab, each holding its own per-session state."""
+"""The Gradio app: chat, image Q&A, composition (图文创作) and data-analysis tabs, each with its own per-session
+state."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import gradio as gr  # noqa: E402
 
 from .backends import ChatBackend  # noqa: E402
 from .chat_tab import build_chat_tab  # noqa: E402
+from .compose_tab import build_compose_tab  # noqa: E402
 from .image_tab import build_image_tab  # noqa: E402
 from .personas import Persona, load_personas  # noqa: E402
 from .settings import ChatSettings  # noqa: E402
@@ -43,10 +45,23 @@ def build_app(backend: ChatBackend, config: Optional[AppConfig] = None) -> gr.Bl
                 build_chat_tab(backend, config.personas, config.chat_defaults)
             with gr.Tab("Image Q&A", id="image", elem_id="tab-image"):
                 build_image_tab(backend, config.chat_defaults)
+            with gr.Tab("Composition", id="compose", elem_id="tab-compose"):
+                build_compose_tab(_vision_pipeline(backend), config.chat_defaults.max_new_tokens)
             with gr.Tab("Data analysis", id="analysis", elem_id="tab-analysis"):
                 _analysis_tab(config.analysis)
     app.queue(default_concurrency_limit=16)
     return app
+
+
+def _vision_pipeline(backend: ChatBackend) -> Optional[object]:
+    """A pipeline on the backend's engine when it is in-process and has vision (composition runs several requests
+    and image captions itself), else None."""
+    engine = getattr(backend, "engine", None)
+    if engine is None or not getattr(getattr(engine, "spec", None), "vision", ""):
+        return None
+    from ..engine.pipeline import Pipeline
+
+    return Pipeline(engine)
 
 
 def _analysis_tab(service: Optional[object]) -> None:
