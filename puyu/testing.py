@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 from puyu.bench.server_proc import ServerProcess, free_port, offline_env
 
-__all__ = ["ServerProcess", "ServerThread", "chain_ids", "free_port", "load_shards", "offline_env", "save_shards",
-           "script_checkpoint"]
+__all__ = ["ServerProcess", "ServerThread", "chain_ids", "free_port", "load_shards", "offline_env", "random_image",
+           "random_png", "save_shards", "script_checkpoint", "scripted_copy"]
 
 
 class ServerThread:
@@ -99,6 +99,31 @@ def chain_ids(tokenizer: Any, start_text: str, reply: str) -> list[int]:
     """The last token of `start_text` followed by the tokens of `reply`."""
     return tokenizer.encode(start_text, add_special_tokens=False)[-1:] + \
         tokenizer.encode(reply, add_special_tokens=False)
+
+
+def random_image(seed: int, size: tuple[int, int] = (40, 30)):
+    """A deterministic random RGB PIL image of `size` (width, height)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def random_png(path: Path, seed: int, size: tuple[int, int] = (40, 30)) -> Path:
+    random_image(seed, size).save(path, format="PNG")
+    return path
+
+
+def scripted_copy(source: Path, out: Path, reply: str, start_text: str = "<|im_start|>assistant\n") -> Path:
+    """A copy of the checkpoint `source` at `out` that answers every chat prompt with `reply` (greedy)."""
+    import shutil
+
+    from puyu.tokenizer import Tokenizer
+
+    shutil.copytree(source, out)
+    script_checkpoint(out, [chain_ids(Tokenizer(out), start_text, reply)])
+    return out
 
 
 def default_model_gguf() -> Path | None:

@@ -3,46 +3,32 @@ exported as Markdown and HTML. End to end on a scripted tiny XComposer2 checkpoi
 reply through the real engine); the matching and the export on given texts."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from puyu.cli import main
 from puyu.compose.article import find_slots
 from puyu.compose.export import filled_markdown, write_article
 from puyu.compose.matching import assign, similarity
-from puyu.testing import chain_ids, script_checkpoint
-from puyu.tokenizer import Tokenizer
+from puyu.testing import random_png, scripted_copy
 
 REPLY = "Sun<image: red square>End<|im_end|>"
 
 
-def _png(path: Path, seed: int) -> Path:
-    from PIL import Image
-
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def scripted(xcomposer2_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("scripted-xc2") / "model"
-    shutil.copytree(xcomposer2_checkpoint, out)
-    tok = Tokenizer(out)
-    script_checkpoint(out, [chain_ids(tok, "<|im_start|>assistant\n", REPLY)])
-    return out
+    return scripted_copy(xcomposer2_checkpoint, tmp_path_factory.mktemp("scripted-xc2") / "model", REPLY)
 
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
     d = tmp_path / "pictures"
     d.mkdir()
-    _png(d / "a.png", 1)
-    _png(d / "b.png", 2)
+    random_png(d / "a.png", 1)
+    random_png(d / "b.png", 2)
     (d / "notes.txt").write_text("not an image: skipped by suffix")
     return d
 

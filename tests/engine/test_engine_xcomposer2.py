@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,6 +21,7 @@ from puyu.engine.llm_engine import LLMEngine
 from puyu.engine.multimodal import IMAGE_TOKEN, PLACEHOLDER_ID
 from puyu.engine.sequence import ScheduledSeq, Sequence
 from puyu.config import GenerationConfig
+from puyu.testing import random_image
 from puyu.tiny_xcomposer2 import TinyVisionShape
 
 NEW_TOKENS = 12
@@ -30,9 +30,7 @@ SYSTEM = {"role": "system", "content": "You see images."}
 
 
 def _image(seed: int, size=(40, 30)):
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return random_image(seed, size)
 
 
 def _ask(*parts) -> list[dict]:

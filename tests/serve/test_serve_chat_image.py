@@ -6,15 +6,8 @@ import io
 import subprocess
 import sys
 
-import numpy as np
-
 from puyu.config import EngineConfig, GenerationConfig
-
-
-def _image(seed: int):
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+from puyu.testing import random_image
 
 
 def test_chat_with_an_image_matches_the_pipeline(xcomposer2_checkpoint):
@@ -24,7 +17,7 @@ def test_chat_with_an_image_matches_the_pipeline(xcomposer2_checkpoint):
     from puyu.webui.personas import Persona
 
     gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
-    image = _image(1)
+    image = random_image(1)
     lines = iter(["What is it?", "And the colours?", "/reset", "What is it?", "/quit"])
     out = io.StringIO()
     with AsyncEngine(xcomposer2_checkpoint, EngineConfig(dtype="float32", session_len=512,
@@ -61,7 +54,7 @@ def test_chat_image_errors_are_one_line(tmp_path, internlm2_checkpoint):
     missing = _run(str(internlm2_checkpoint), "--image", str(tmp_path / "gone.png"))
     assert missing.returncode == 2 and "gone.png: no such image file" in missing.stderr
     good = tmp_path / "ok.png"
-    _image(2).save(good)
+    random_image(2).save(good)
     text_only = _run(str(internlm2_checkpoint), "--image", str(good), "--cache-max-entry-count", "32")
     assert text_only.returncode == 2 and "Traceback" not in text_only.stderr
     assert "has no vision" in text_only.stderr and internlm2_checkpoint.name in text_only.stderr

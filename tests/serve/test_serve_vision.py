@@ -6,24 +6,20 @@ from __future__ import annotations
 import base64
 import io
 
-import numpy as np
 import openai
 import pytest
 
 from puyu.config import EngineConfig, GenerationConfig
 from puyu.engine.pipeline import Pipeline
 from puyu.serve.api_server import create_app
-from puyu.testing import ServerThread
+from puyu.testing import ServerThread, random_image
 
 MODEL = "tiny-xcomposer2"
 
 
 def _png(seed: int, size=(40, 30)) -> bytes:
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
+    random_image(seed, size).save(buf, format="PNG")
     return buf.getvalue()
 
 

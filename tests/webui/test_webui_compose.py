@@ -4,17 +4,14 @@ rendered article shows the chosen picture; a text-only model gets an explanation
 from __future__ import annotations
 
 import base64
-import shutil
 
-import numpy as np
 import pytest
 from playwright.sync_api import expect
 
 from webui_testlib import running_app
 from puyu.config import EngineConfig
 from puyu.engine import AsyncEngine
-from puyu.testing import chain_ids, script_checkpoint
-from puyu.tokenizer import Tokenizer
+from puyu.testing import random_png, scripted_copy
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import EngineBackend
 from puyu.webui.personas import PLAIN
@@ -24,18 +21,9 @@ REPLY = "Sun<image: red square>End<|im_end|>"
 SETTINGS = ChatSettings(max_new_tokens=40, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
 
 
-def _png(path, seed: int):
-    from PIL import Image
-
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def scripted_backend(xcomposer2_checkpoint, tmp_path_factory):
-    model = tmp_path_factory.mktemp("scripted-xc2-ui") / "model"
-    shutil.copytree(xcomposer2_checkpoint, model)
-    script_checkpoint(model, [chain_ids(Tokenizer(model), "<|im_start|>assistant\n", REPLY)])
+    model = scripted_copy(xcomposer2_checkpoint, tmp_path_factory.mktemp("scripted-xc2-ui") / "model", REPLY)
     backend = EngineBackend(AsyncEngine(model, EngineConfig(dtype="float32", session_len=1024,
                                                             cache_max_entry_count=64)))
     yield backend
@@ -43,7 +31,7 @@ def scripted_backend(xcomposer2_checkpoint, tmp_path_factory):
 
 
 def test_compose_tab_renders_the_article_with_the_chosen_picture(scripted_backend, page_factory, tmp_path):
-    a, b = _png(tmp_path / "a.png", 1), _png(tmp_path / "b.png", 2)
+    a, b = random_png(tmp_path / "a.png", 1), random_png(tmp_path / "b.png", 2)
     with running_app(scripted_backend, AppConfig(personas=[PLAIN], chat_defaults=SETTINGS)) as url:
         page = page_factory(url)
         page.get_by_role("tab", name="Composition").click()

@@ -3,13 +3,13 @@ upload a picture, ask, the streamed answer is what the engine gives for the same
 picture on the first question, a new picture starts over, asking without one is an error in the page."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from playwright.sync_api import expect
 
 from test_webui_chat import reference_reply
 from webui_testlib import Recording, letters, running_app
 from puyu.config import EngineConfig
+from puyu.testing import random_png
 from puyu.engine import AsyncEngine
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import EngineBackend
@@ -17,13 +17,6 @@ from puyu.webui.personas import PLAIN
 from puyu.webui.settings import ChatSettings
 
 GREEDY = ChatSettings(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
-
-
-def _png(path, seed: int):
-    from PIL import Image
-
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +51,7 @@ def test_image_question_answered_over_two_turns(app, page_factory, vl_backend, t
     _ask(page, "What is this?")
     expect(page.locator("#vqa-error")).to_contain_text("upload an image first")
     assert rec.requests == []
-    page.locator("#vqa-image input[type='file']").set_input_files(str(_png(tmp_path / "a.png", 1)))
+    page.locator("#vqa-image input[type='file']").set_input_files(str(random_png(tmp_path / "a.png", 1)))
     expect(page.locator("#vqa-image img")).to_have_count(1)
     _ask(page, "What is this?")
     expect(page.locator("#vqa-status")).to_contain_text("finish: length")
@@ -79,7 +72,7 @@ def test_image_question_answered_over_two_turns(app, page_factory, vl_backend, t
     assert isinstance(second[0]["content"], list) and second[2]["content"] == "And the colours?"
     assert letters(_answers(page).nth(1).inner_text()) == letters(reference_reply(vl_backend, second, settings))
     # another picture starts a new conversation
-    page.locator("#vqa-image input[type='file']").set_input_files(str(_png(tmp_path / "b.png", 2)))
+    page.locator("#vqa-image input[type='file']").set_input_files(str(random_png(tmp_path / "b.png", 2)))
     expect(_answers(page)).to_have_count(0)
     _ask(page, "What is this?")
     expect(_answers(page)).to_have_count(1)
