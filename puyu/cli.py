@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "puyu.agent.cli",
     "puyu.download.cli",
     "puyu.webui.cli",
+    "puyu.compose.cli",
 ]
 
 

@@ -51,3 +51,11 @@ def tiny_checkpoint(checkpoint_factory, arch: str) -> Path:
 @pytest.fixture(scope="session")
 def internlm2_checkpoint(checkpoint_factory) -> Path:
     return checkpoint_factory("internlm2", "fp16")
+
+
+@pytest.fixture(scope="session")
+def xcomposer2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random InternLM-XComposer2 checkpoint (InternLM2 + PLoRA + CLIP tower + projector), fp16."""
+    from puyu.tiny_xcomposer2 import build_xcomposer2_checkpoint
+
+    return build_xcomposer2_checkpoint(tmp_path_factory.mktemp("ckpt-xcomposer2"), torch.float16, seed=5)

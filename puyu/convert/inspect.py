@@ -62,6 +62,10 @@ def _inspect_hf(path: Path) -> Inspection:
     if not tensors:
         for f in sorted(path.glob("pytorch_model*.bin")):
             tensors += _bin_entries(f)
+    if summary.get("img_size"):
+        from .xcomposer2 import vision_summary
+
+        summary.update(vision_summary({t.name: t.shape for t in tensors}, summary.pop("img_size"), path))
     return Inspection(path, "hf", summary, tensors)
 
 
@@ -89,6 +93,8 @@ def model_summary(spec: Any, path: Path, stored: Optional[dict[str, Any]] = None
                "session_len": spec.session_len, "rope_theta": f"{spec.rope_theta:g}", "rope_scaling": rope,
                "norm_eps": f"{spec.norm_eps:g}", "tied_embeddings": "yes" if spec.tie_word_embeddings else "no"}
     summary.update(_tokenizer_summary(spec, path))
+    if spec.vision:
+        summary["img_size"] = spec.img_size  # _inspect_hf turns it into the vision lines
     return summary
 
 

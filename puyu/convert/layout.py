@@ -45,4 +45,9 @@ def tp1_tensors(spec: ModelSpec, group_size: int = 0) -> dict[str, TensorInfo]:
             out[f"{p}attention.w_qkv.bias"] = TensorInfo((dims["attention.w_qkv"][1],))
         out[f"{p}attention_norm.weight"] = TensorInfo((h,))
         out[f"{p}ffn_norm.weight"] = TensorInfo((h,))
+        if spec.lora_r:  # XComposer2's Partial LoRA: x @ lora_a [in, r] @ lora_b [r, out] on image tokens
+            for lin in LINEARS:
+                n_in, n_out = dims[lin]
+                out[f"{p}{lin}.lora_a.weight"] = TensorInfo((n_in, spec.lora_r))
+                out[f"{p}{lin}.lora_b.weight"] = TensorInfo((spec.lora_r, n_out))
     return out

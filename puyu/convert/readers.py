@@ -220,6 +220,10 @@ def iter_turbomind_tensors(files: CheckpointFiles, spec: ModelSpec,
             yield tm + "attention.w_qkv.bias", fused_qkv(_qkv_parts(get, p, spec, "bias"), spec)
         yield tm + "attention_norm.weight", get(p + names.attn_norm)
         yield tm + "ffn_norm.weight", get(p + names.ffn_norm)
+    if spec.vision == "xcomposer2":
+        from .xcomposer2 import iter_plora_tensors
+
+        yield from iter_plora_tensors(get, spec)
 
 
 def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], files: CheckpointFiles) -> None:

@@ -15,7 +15,9 @@ SUPPORTED_ARCHS = {
     "InternLM2ForCausalLM": "internlm2",
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "InternLMXComposer2ForCausalLM": "internlm2",  # an InternLM2 LLM + CLIP + Partial LoRA (convert/xcomposer2.py)
 }
+VISION_ARCHS = {"InternLMXComposer2ForCausalLM": "xcomposer2"}
 
 
 @dataclass
@@ -42,6 +44,9 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = (2,)
     quant_method: str = ""  # '' for float weights, 'awq' for AutoAWQ gemm int4 checkpoints
     group_size: int = 0  # quantisation group size (0 for float weights)
+    vision: str = ""  # '' for text-only models, 'xcomposer2' for InternLM-XComposer2 (a CLIP tower + Partial LoRA)
+    img_size: int = 0  # the square side images are resized to (vision models only)
+    lora_r: int = 0  # rank of the Partial LoRA tensors (XComposer2); set from the weights by the converter
 
     @property
     def session_len(self) -> int:
@@ -123,6 +128,11 @@ def read_model_spec(model_dir: Path | str) -> ModelSpec:
         raise CheckpointError(f"{model_dir / 'config.json'}: num_attention_heads {spec.num_heads} is not a multiple "
                               f"of num_key_value_heads {spec.num_kv_heads}")
     spec.eos_token_ids = eos_token_ids(model_dir, cfg)
+    spec.vision = VISION_ARCHS.get(model_arch, "")
+    if spec.vision:
+        spec.img_size = int(cfg.get("img_size") or 0)
+        if spec.img_size <= 0:
+            raise CheckpointError(f"{model_dir / 'config.json'}: a vision model needs a positive 'img_size'")
     spec.quant_method, spec.group_size = _quantization(model_dir, cfg)
     return spec
 

@@ -48,6 +48,8 @@ def build_config(spec: ModelSpec, *, tp: int, weight_type: str, model_format: st
     }
     lora_config = {"lora_policy": "", "lora_r": 0, "lora_scale": 0.0, "lora_max_wo_r": 0,
                    "lora_rank_pattern": "", "lora_scale_pattern": ""}
+    if spec.vision == "xcomposer2":  # as LMDeploy 0.7.3 writes it for XComposer2: r 256 whatever the tensors hold
+        lora_config.update(lora_policy="plora", lora_r=256, lora_scale=1.0, lora_max_wo_r=256)
     return {"model_config": model_config, "attention_config": attention_config, "lora_config": lora_config}
 
 

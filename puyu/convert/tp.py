@@ -21,6 +21,13 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 # How each tensor is laid out across ranks, by its name without the rank.
 _RULES = (
+    # LoRA pairs: a linear split by its output splits B and copies A; one split by its input splits A and copies B
+    (re.compile(r"^layers\.\d+\.(attention\.w_qkv|feed_forward\.w[13])\.lora_a\.weight$"), "copy"),
+    (re.compile(r"^layers\.\d+\.(attention\.wo|feed_forward\.w2)\.lora_b\.weight$"), "copy"),
+    (re.compile(r"^layers\.\d+\.attention\.w_qkv\.lora_b\.weight$"), "qkv"),
+    (re.compile(r"^layers\.\d+\.attention\.wo\.lora_a\.weight$"), "rows"),
+    (re.compile(r"^layers\.\d+\.feed_forward\.w[13]\.lora_b\.weight$"), "ffn_cols"),
+    (re.compile(r"^layers\.\d+\.feed_forward\.w2\.lora_a\.weight$"), "ffn_rows"),
     (re.compile(r"^tok_embeddings\.weight$"), "embedding"),
     (re.compile(r"^output\.weight$"), "lm_head"),
     (re.compile(r"^(norm|layers\.\d+\.(attention_norm|ffn_norm))\.weight$"), "replicated"),
@@ -40,7 +47,8 @@ def rule_of(name: str) -> str:
 
 
 def rank_file(name: str, rank: int) -> str:
-    """`layers.0.attention.wo.weight`, 1 -> `layers.0.attention.wo.1.weight` (the rank goes before the kind)."""
+    """`layers.0.attention.wo.weight`, 1 -> `layers.0.attention.wo.1.weight` (the rank goes before the kind;
+    `...wo.lora_a.weight` -> `...wo.lora_a.1.weight`)."""
     base, kind = name.rsplit(".", 1)
     return f"{base}.{rank}.{kind}"
 

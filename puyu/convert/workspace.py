@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .layout import tp1_tensors
-from .spec import SUPPORTED_ARCHS, CheckpointError, ModelSpec, eos_token_ids, read_json, read_model_spec
+from .spec import SUPPORTED_ARCHS, VISION_ARCHS, CheckpointError, ModelSpec, eos_token_ids, read_json, read_model_spec
 from .tm_config import WorkspaceConfig, read_config
 from .tp import TPPlan
 
@@ -87,7 +87,21 @@ def workspace_spec(root: Path, cfg: WorkspaceConfig) -> ModelSpec:
     spec.torch_dtype = str(cfg.float_dtype).removeprefix("torch.")
     spec.quant_method = cfg.model_format if cfg.weight_type == "int4" else ""
     spec.group_size = cfg.group_size
+    spec.lora_r = _lora_rank(root, cfg)
     return spec
+
+
+def _lora_rank(root: Path, cfg: WorkspaceConfig) -> int:
+    """The rank of a PLoRA workspace's tensors, from a `wo.lora_b` file (`[r, hidden]`, copied to every rank):
+    config.yaml's lora_r says 256 whatever the tensors hold (LMDeploy writes it so)."""
+    probe = weights_dir(root) / "layers.0.attention.wo.lora_b.0.weight"
+    if not probe.exists():
+        return 0
+    row = cfg.hidden_units * torch.empty((), dtype=cfg.float_dtype).element_size()
+    size = probe.stat().st_size
+    if size % row:
+        raise CheckpointError(f"{probe}: {size} bytes is not a whole number of rows of {cfg.hidden_units}")
+    return size // row
 
 
 def _cross_check(root: Path, cfg: WorkspaceConfig, spec: ModelSpec) -> None:
@@ -116,6 +130,7 @@ def _spec_from_config(root: Path, cfg: WorkspaceConfig) -> ModelSpec:
         rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings, attn_bias=cfg.attn_bias,
         rope_scaling_type=cfg.rope_scaling_type, rope_scaling_factor=cfg.rope_scaling_factor,
         original_max_position_embeddings=cfg.original_max_position_embeddings,
+        vision=VISION_ARCHS.get(cfg.model_arch, ""),
     )
     if gen.exists():
         gen_cfg = read_json(gen)

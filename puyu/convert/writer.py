@@ -64,6 +64,10 @@ def convert_checkpoint(src: Path | str, dst: Path | str, options: ConvertOptions
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")
     spec = read_model_spec(src)
+    if spec.vision:
+        from .xcomposer2 import plora_rank
+
+        spec.lora_r = plora_rank(CheckpointFiles(src))
     gguf = is_gguf_dir(src)
     group_size, weight_type = gguf_weight_format(src, options) if gguf else _weight_format(src, spec, options)
     plan = TPPlan.for_spec(spec, options.tp, group_size)

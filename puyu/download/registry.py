@@ -45,6 +45,7 @@ class ModelEntry:
     revision: Optional[str] = None  # None: the source's default branch
     params: str = ""
     context_length: Optional[int] = None
+    image_size: Optional[int] = None  # vision models: the square side images are resized to
     builtin: bool = False
     packaged: str = ""  # 'python_package/file' of a model file shipped inside a PyPI wheel, used when installed
     generation: dict[str, Any] = field(default_factory=dict)
@@ -171,8 +172,9 @@ def parse_entry(path: Path, raw: Any) -> ModelEntry:
     for key, kind in (("revision", str), ("params", str), ("builtin", bool), ("packaged", str), ("description", str), ("notes", str)):
         if key in raw:
             _check_type(path, key, raw[key], kind)
-    if raw.get("context_length") is not None:
-        _check_type(path, "context_length", raw["context_length"], int)
+    for key in ("context_length", "image_size"):
+        if raw.get(key) is not None:
+            _check_type(path, key, raw[key], int)
     if not values.get("builtin") and not values["repos"]:
         raise RegistryError(f"{path}: repos: a model that is not built in needs at least one repository")
     return ModelEntry(**values, source_file=str(path))

@@ -1,7 +1,7 @@
 """Block manager: hands out KV-cache blocks, with prefix caching.
 
-A full block is registered under a chained hash (hash of the previous block's hash and its own tokens) together with
-its tokens, so a match is exact even if two hashes collide. Blocks whose last user is gone keep their contents and
+A full block is registered under a chained hash (hash of the previous block's hash and its own tokens, plus the
+digests of the images overlapping it: `Sequence.block_key`) together with that key, so a match is exact even if two hashes collide. Blocks whose last user is gone keep their contents and
 their hash: they sit in a free list ordered by release time, and a later request with the same prefix revives them;
 allocation takes the least recently released block (LRU eviction), dropping its hash.
 """
@@ -72,7 +72,7 @@ class BlockManager:
         seq.block_hashes = []
         bs = self.block_size
         for b in range((len(seq) - 1) // bs):
-            tokens = tuple(seq.token_at(b * bs, (b + 1) * bs))
+            tokens = seq.block_key(b * bs, (b + 1) * bs)
             h = chain_hash(prev, tokens)
             block_id = self.by_hash.get(h)
             if block_id is None or self.blocks[block_id].tokens != tokens:
@@ -124,7 +124,7 @@ class BlockManager:
         full = min(seq.num_computed // bs, len(seq.block_table))
         for b in range(len(seq.block_hashes), full):
             block = self.blocks[seq.block_table[b]]
-            tokens = tuple(seq.token_at(b * bs, (b + 1) * bs))
+            tokens = seq.block_key(b * bs, (b + 1) * bs)
             h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else chain_root(seq), tokens)
             seq.block_hashes.append(h)
             if block.hash is None and h not in self.by_hash:

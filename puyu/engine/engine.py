@@ -109,7 +109,9 @@ class AsyncEngine:
 
     # ---- request plumbing -----------------------------------------------------------------------------------------
     def _prepare(self, prompt: Prompt, gen_config: Optional[GenerationConfig],
-                 request_id: Optional[str]) -> tuple[list[int], GenerationConfig, str]:
+                 request_id: Optional[str]) -> tuple[tuple[list[int], list], GenerationConfig, str]:
+        """((token ids, image spans), config, request id): images are decoded and preprocessed here, encoded by the
+        vision tower on the engine thread."""
         if self._closed:
             raise RuntimeError("the engine is closed")
         gen_config = gen_config if gen_config is not None else GenerationConfig()
@@ -117,10 +119,10 @@ class AsyncEngine:
             raise ValueError(f"gen_config: must be a GenerationConfig, got {type(gen_config).__name__}")
         gen_config.validate()
         self.tokenizer.check_ids(gen_config.stop_token_ids or [], "stop_token_ids: id")
-        ids = self.engine.prepare_prompt(prompt)
+        ids = self.engine.prepare_request(prompt)
         return ids, gen_config, request_id or uuid.uuid4().hex
 
-    def _register(self, request_id: str, ids: list[int], gen_config: GenerationConfig, sink: Sink) -> None:
+    def _register(self, request_id: str, ids: tuple[list[int], list], gen_config: GenerationConfig, sink: Sink) -> None:
         with self._cv:
             if self._closed:  # checked again under the lock: a close() since _prepare would leave nobody to answer
                 raise RuntimeError("the engine is closed")
@@ -130,7 +132,7 @@ class AsyncEngine:
             self._commands.append(("add", (request_id, ids, gen_config)))
             self._cv.notify()
 
-    async def _stream(self, ids: list[int], gen_config: GenerationConfig,
+    async def _stream(self, ids: tuple[list[int], list], gen_config: GenerationConfig,
                       request_id: str) -> AsyncGenerator[StreamOutput, None]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[StreamOutput] = asyncio.Queue()
@@ -154,7 +156,7 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def _stream_sync(self, ids: list[int], gen_config: GenerationConfig,
+    def _stream_sync(self, ids: tuple[list[int], list], gen_config: GenerationConfig,
                      request_id: str) -> Generator[StreamOutput, None, None]:
         q: queue.Queue[StreamOutput] = queue.Queue()
         self._register(request_id, ids, gen_config, q.put)
@@ -198,9 +200,9 @@ class AsyncEngine:
         kind, payload = cmd
         if kind == "abort":
             return self.engine.abort(payload)
-        request_id, ids, gen_config = payload
+        request_id, (ids, images), gen_config = payload
         try:
-            self.engine.add_request(request_id, ids, gen_config)
+            self.engine.add_request(request_id, ids, gen_config, images)
         except Exception as exc:  # the request fails, the engine goes on
             return StreamOutput(finish_reason="error", error=f"{type(exc).__name__}: {exc}", request_id=request_id)
         return None

@@ -25,7 +25,7 @@ from .model_runner import ModelRunner
 from .outputs import StreamOutput, TextStream
 from .sampler import SampleRequest, SamplingFailed, make_generator, sample
 from .scheduler import Scheduler
-from .sequence import Sequence, TokenUpdate
+from .sequence import ImageSpan, Sequence, TokenUpdate
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,26 @@ class LLMEngine:
         self.weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())  # sizes the cpu KV cache
         self.model = DecoderModel(self.spec, weights, self.device, config.kernels)
         self.tokenizer = Tokenizer(self.model_path, self.spec.vocab_size, self.spec.eos_token_ids, self.spec.arch)
+        self.vision = self._load_vision()
         self._init_cache()
         self.requests: dict[str, _Request] = {}
         self.tokens_generated = 0
+
+    def _load_vision(self):
+        if not self.spec.vision:
+            return None
+        from ..convert import is_workspace
+        from .xcomposer2_vision import XComposer2Vision
+
+        if is_workspace(self.model_path):
+            raise CheckpointError(f"{self.model_path}: a TurboMind workspace holds no vision tower; serve the "
+                                  f"HF checkpoint of this {self.spec.model_arch} model")
+
+        vision = XComposer2Vision(self.model_path, self.dtype, self.device)
+        if vision.img_size != self.spec.img_size:
+            raise CheckpointError(f"{self.model_path / 'config.json'}: img_size {self.spec.img_size} does not match "
+                                  f"the CLIP position table ({vision.img_size} px)")
+        return vision
 
     def _init_cache(self) -> None:
         c, s = self.config, self.spec
@@ -119,7 +136,40 @@ class LLMEngine:
             raise PromptTooLongError(len(ids), self.session_len)
         return ids
 
-    def add_request(self, request_id: str, prompt_ids: list[int], gen_config: GenerationConfig) -> None:
+    def prepare_request(self, prompt: Prompt) -> tuple[list[int], list[ImageSpan]]:
+        """`prepare_prompt`, plus the images of a chat prompt with image parts (a vision model only)."""
+        from . import multimodal as mm
+
+        if mm.has_images(prompt) and self.vision is None:
+            raise ValueError(f"{mm.first_image_field(prompt)}: model {self.model_name} has no vision "
+                             f"(it takes text only)")
+        if self.vision is None or not (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
+            return self.prepare_prompt(prompt), []
+        messages, images = mm.split_images(prompt)
+        messages = mm.with_default_system(messages, mm.XCOMPOSER2_META)
+        text = self.tokenizer.apply_chat_template(messages)
+        ids, spans = mm.splice(text, images, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
+                               self.vision.num_tokens, self._pixels)
+        if len(ids) > self.session_len:
+            raise PromptTooLongError(len(ids), self.session_len)
+        return ids, spans
+
+    def _pixels(self, image) -> torch.Tensor:
+        from .xcomposer2_vision import preprocess
+
+        return preprocess(image, self.vision.img_size)
+
+    def _encode_images(self, images: list[ImageSpan]) -> list[ImageSpan]:
+        """Run the vision tower on the images' pixels (on the engine thread); spans get their embeddings."""
+        todo = [im for im in images if im.embeds is None]
+        if todo:
+            feats = self.vision.encode(torch.stack([im.pixels for im in todo]))
+            for im, f in zip(todo, feats):
+                im.embeds, im.pixels = f, None
+        return images
+
+    def add_request(self, request_id: str, prompt_ids: list[int], gen_config: GenerationConfig,
+                    images: Optional[list[ImageSpan]] = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
         if len(prompt_ids) > self.session_len:
@@ -131,7 +181,7 @@ class LLMEngine:
             stop |= set(self.tokenizer.stop_token_ids)
         seq = Sequence(request_id, list(prompt_ids), gen_config,
                        generator=None if gen_config.greedy else make_generator(gen_config.random_seed),
-                       stop_ids=frozenset(stop))
+                       stop_ids=frozenset(stop), images=self._encode_images(images) if images else [])
         text = TextStream(self.tokenizer, gen_config.skip_special_tokens, gen_config.stop_words)
         self.requests[request_id] = _Request(seq, text)
         self.scheduler.add(seq)

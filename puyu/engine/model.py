@@ -2,7 +2,8 @@
 
 Per layer: RMSNorm -> fused QKV `x @ w_qkv (+ bias)` -> interleaved rotary on q, k -> write k, v to the paged cache ->
 paged attention (GQA) -> `wo` -> residual; RMSNorm -> SwiGLU `w2(silu(w1 x) * w3 x)` -> residual. Final RMSNorm and
-the lm head only for the rows whose logits are needed.
+the lm head only for the rows whose logits are needed. A step may replace some rows' embeddings (image features) and
+add low-rank adapter deltas on chosen rows of every linear (engine/lora.py: XComposer2's Partial LoRA on image rows).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from ..convert.spec import CheckpointError, ModelSpec
 from .attention import AttentionBatch, paged_attention
 from .kv_cache import KVCacheStorage
+from .lora import RowLora, StepInputs, plora_from_weights
 from .rotary import InterleavedRotary, apply_rotary
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -123,18 +125,23 @@ class DecoderModel:
                 gate_up=make_gate_up(weights, p + "feed_forward.", kernels),
                 w2=make_linear(weights, p + "feed_forward.w2", kernels)))
         self.rotary = InterleavedRotary(spec, device)
+        adapters = {"plora": plora_from_weights(weights, spec.num_layers)} if spec.vision == "xcomposer2" else {}
+        self.lora = RowLora(adapters)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 cache: KVCacheStorage, logit_rows: torch.Tensor,
-                seq_lens: Optional[list[tuple[int, int]]] = None) -> torch.Tensor:
-        """float32 logits `[len(logit_rows), vocab]` for a flattened step of `T` tokens."""
+                seq_lens: Optional[list[tuple[int, int]]] = None, extra: Optional[StepInputs] = None) -> torch.Tensor:
+        """float32 logits `[len(logit_rows), vocab]` for a flattened step of `T` tokens; `extra` gives embeddings of
+        some rows (image features) and the rows each adapter applies to."""
         h = F.embedding(input_ids, self.embed)
+        if extra is not None and extra.embed_rows is not None:
+            h.index_copy_(0, extra.embed_rows, extra.embeds.to(h.dtype))
         cos, sin = self.rotary.cos_sin(positions, seq_lens)
         if self._fused_steps(cache):
-            h = self._layers_fused(h, cos, sin, batch, cache)
+            h = self._layers_fused(h, cos, sin, batch, cache, extra)
         else:
-            h = self._layers_reference(h, cos, sin, batch, cache)
+            h = self._layers_reference(h, cos, sin, batch, cache, extra)
         last = rms_norm(h.index_select(0, logit_rows), self.norm, self.spec.norm_eps)
         return self.lm_head(last).float()
 
@@ -148,40 +155,44 @@ class DecoderModel:
         return cpu_kernels.pointwise_supports(self.dtype, self.device)
 
     def _layers_reference(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
-                          cache: KVCacheStorage) -> torch.Tensor:
+                          cache: KVCacheStorage, extra: Optional[StepInputs] = None) -> torch.Tensor:
         s = self.spec
+        lora = self.lora.apply
         cos, sin = (t[:, None, :].to(self.dtype) for t in (cos, sin))
         nq, nkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.attn_norm, s.norm_eps)
-            qkv = lw.qkv(x)
+            qkv = lora(i, "attention.w_qkv", x, lw.qkv(x), extra)
             qk = apply_rotary(qkv[:, :nq + nkv].unflatten(-1, (-1, s.head_dim)), cos, sin)  # q and k heads at once
             q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
             v = qkv[:, nq + nkv:].unflatten(-1, (s.num_kv_heads, s.head_dim))
             cache.write(i, k, v, batch.write_slots)
-            attn = paged_attention(i, q, cache, batch, self.kernels)
-            h = h + lw.wo(attn.flatten(1))
+            attn = paged_attention(i, q, cache, batch, self.kernels).flatten(1)
+            h = h + lora(i, "attention.wo", attn, lw.wo(attn), extra)
             x = rms_norm(h, lw.ffn_norm, s.norm_eps)
-            gate, up = lw.gate_up(x).chunk(2, dim=-1)
-            h = h + lw.w2(F.silu(gate) * up)
+            gate, up = lora(i, "feed_forward.w1w3", x, lw.gate_up(x), extra).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            h = h + lora(i, "feed_forward.w2", act, lw.w2(act), extra)
         return h
 
     def _layers_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
-                      cache: KVCacheStorage) -> torch.Tensor:
+                      cache: KVCacheStorage, extra: Optional[StepInputs] = None) -> torch.Tensor:
         """The reference's arithmetic in fewer calls: each residual add is fused into the RMSNorm that follows it
         (h is updated in place: it is this forward's own tensor), rotary into the cache write."""
         from .cpu_kernels import add_rmsnorm, rope_write
 
         s = self.spec
+        lora = self.lora.apply
         x = add_rmsnorm(h, None, self.layers[0].attn_norm, s.norm_eps)
         for i, lw in enumerate(self.layers):
-            qkv = lw.qkv(x)
+            qkv = lora(i, "attention.w_qkv", x, lw.qkv(x), extra)
             q = rope_write(qkv, cos, sin, batch.write_slots, cache.k_data[i], cache.v_data[i], s.num_heads,
                            s.num_kv_heads, s.head_dim)
-            attn = paged_attention(i, q, cache, batch, self.kernels)
-            x = add_rmsnorm(h, lw.wo(attn.flatten(1)), lw.ffn_norm, s.norm_eps)
-            gate, up = lw.gate_up(x).chunk(2, dim=-1)
-            ffn = lw.w2(F.silu(gate) * up)
+            attn = paged_attention(i, q, cache, batch, self.kernels).flatten(1)
+            x = add_rmsnorm(h, lora(i, "attention.wo", attn, lw.wo(attn), extra), lw.ffn_norm, s.norm_eps)
+            gate, up = lora(i, "feed_forward.w1w3", x, lw.gate_up(x), extra).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            ffn = lora(i, "feed_forward.w2", act, lw.w2(act), extra)
             if i + 1 < len(self.layers):
                 x = add_rmsnorm(h, ffn, self.layers[i + 1].attn_norm, s.norm_eps)
             else:

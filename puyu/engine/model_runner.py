@@ -7,6 +7,7 @@ import torch
 
 from .attention import AttentionBatch, DecodeBatch, PrefillChunk, PrefillGroup
 from .kv_cache import KVCacheStorage, slot_list, slots_for
+from .lora import StepInputs
 from .model import DecoderModel
 from .sequence import ScheduledSeq
 
@@ -36,6 +37,8 @@ class ModelRunner:
         decode_items: list[ScheduledSeq] = []
         logit_rows: list[int] = []
         seq_lens: list[tuple[int, int]] = []
+        image_rows: list[int] = []
+        image_embeds: list[torch.Tensor] = []
         for item in step:
             seq, start, n = item.seq, item.start, item.num_tokens
             row = len(ids)
@@ -43,6 +46,11 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             write_slots.extend(slot_list(seq.block_table, start, start + n, self.block_size))
             seq_lens.append((n, start + n))
+            for im in seq.images:
+                lo, hi = max(start, im.start), min(start + n, im.end)
+                if lo < hi:
+                    image_rows.extend(range(row + lo - start, row + hi - start))
+                    image_embeds.append(im.embeds[lo - im.start:hi - im.start])
             if start == 0:
                 fresh[n].extend(range(row, row + n))
             elif n == 1:
@@ -57,8 +65,12 @@ class ModelRunner:
         batch.groups = [self._fresh_group(rows, n, write_slots) for n, rows in fresh.items()]
         if decode_items:
             batch.decode = self._decode_batch(decode_items, decode_rows)
+        extra = None
+        if image_rows:  # image features replace the placeholder embeddings; Partial LoRA applies on those rows
+            rows = self._tensor(image_rows)
+            extra = StepInputs(embed_rows=rows, embeds=torch.cat(image_embeds), lora_rows={"plora": rows})
         return self.model.forward(self._tensor(ids), self._tensor(positions), batch, self.cache,
-                                  self._tensor(logit_rows), seq_lens)
+                                  self._tensor(logit_rows), seq_lens, extra)
 
     def _fresh_group(self, rows: list[int], q_len: int, write_slots: list[int]) -> PrefillGroup:
         """Fresh prompts attend only over themselves: their context slots are the slots they write."""

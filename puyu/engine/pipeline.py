@@ -3,6 +3,7 @@
     pipe = puyu.pipeline("internlm2-chat-1_8b", session_len=4096, quant_policy=8)
     pipe("Hello")                                # -> Response
     pipe(["Hi", "Bonjour"], GenerationConfig(max_new_tokens=64))   # -> [Response, Response], run as one batch
+    pipe(("Describe the image", image))         # a vision model: (text, image or [images]); a PIL image or a path
     for delta in pipe.stream_infer("Hi"): ...   # Response deltas
 """
 from __future__ import annotations
@@ -30,9 +31,25 @@ class Response:
     error: Optional[str] = None
 
 
+def _is_text_image(p: Any) -> bool:
+    return isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+
+
+def _vision_prompt(p: Any) -> Any:
+    """`(text, image | [images])` -> one user message with the images then the text (LMDeploy's VLM pipeline
+    form); `<ImageHere>` in the text places the images instead. Other prompts are returned as they are."""
+    if not _is_text_image(p):
+        return p
+    text, images = p
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": parts}]
+
+
 def _is_single(prompts: Any) -> bool:
-    """One prompt: a string, a list of token ids, or a list of chat messages; anything else is a batch."""
-    if isinstance(prompts, str):
+    """One prompt: a string, a list of token ids, a list of chat messages or a (text, image) pair; anything else is
+    a batch."""
+    if isinstance(prompts, str) or _is_text_image(prompts):
         return True
     if isinstance(prompts, (list, tuple)) and prompts:
         return all(isinstance(p, int) and not isinstance(p, bool) for p in prompts) or all(
@@ -75,7 +92,7 @@ class Pipeline:
         streams = []
         try:
             for p, g in zip(batch, configs):
-                streams.append(self.engine.stream_sync(p, g))
+                streams.append(self.engine.stream_sync(_vision_prompt(p), g))
             responses = self._collect(streams)
         finally:
             for s in streams:
@@ -104,7 +121,7 @@ class Pipeline:
 
         batch = cast(list[Prompt], [prompts] if _is_single(prompts) else list(prompts))
         configs = _gen_configs(gen_config, len(batch))
-        streams = [self.engine.stream_sync(p, g) for p, g in zip(batch, configs)]
+        streams = [self.engine.stream_sync(_vision_prompt(p), g) for p, g in zip(batch, configs)]
         q: queue.Queue = queue.Queue()
 
         def drain(i: int) -> None:

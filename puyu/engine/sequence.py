@@ -20,6 +20,24 @@ class Status(enum.Enum):
 
 
 @dataclass
+class ImageSpan:
+    """An image's place in a prompt: positions [start, start + length) take `embeds` instead of token embeddings.
+
+    `digest` identifies the image's pixels: it keys the prefix cache, so blocks computed for one image are never
+    reused for another (their token ids are the same placeholders)."""
+
+    start: int
+    length: int
+    digest: str
+    embeds: Optional[torch.Tensor] = None  # [length, hidden], set on the engine thread
+    pixels: Optional[torch.Tensor] = None  # [3, S, S] preprocessed, until encoded
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass
 class Sequence:
     request_id: str
     prompt_ids: list[int]
@@ -34,6 +52,7 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrival))
     finish_reason: Optional[str] = None
     preemptions: int = 0
+    images: list[ImageSpan] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
@@ -54,6 +73,14 @@ class Sequence:
         if start >= n:
             return self.output_ids[start - n:end - n]
         return self.prompt_ids[start:] + self.output_ids[:end - n]
+
+    def block_key(self, start: int, end: int) -> tuple:
+        """What identifies tokens [start, end) for the prefix cache: their ids, plus (digest, offset) of every image
+        overlapping them."""
+        tokens = tuple(self.token_at(start, end))
+        marks = tuple((im.digest, max(start, im.start) - im.start) for im in self.images
+                      if im.start < end and start < im.end)
+        return tokens + marks if marks else tokens
 
 
 @dataclass

@@ -7,6 +7,7 @@ with a 500 and leaves the server and the other requests running.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from fastapi import FastAPI, Request
@@ -60,17 +61,21 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(engine: EngineClient, model_name: Optional[str] = None, api_keys: Sequence[str] = (),
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                allowed_hosts: Optional[Sequence[str]] = ("localhost", "127.0.0.1", "::1"),
-               allowed_origins: Sequence[str] = (), body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
+               allowed_origins: Sequence[str] = (), body_timeout: float = DEFAULT_BODY_TIMEOUT,
+               allowed_local_media_path: Optional[Path] = None) -> FastAPI:
     """The ASGI app serving `engine` under `model_name` (default: the engine's). `api_keys`: required keys on every
     path but /health. `max_request_bytes`: the largest request body (413 beyond). `allowed_hosts`: accepted Host
     names (None or '*': any). `allowed_origins`: browser origins allowed besides the server's own ('*': any), with
     CORS headers for them. `body_timeout`: seconds allowed between two chunks of a request body (408 beyond).
+    `allowed_local_media_path`: the folder image parts may name local files in (None: no local files).
     The caller owns the engine (and closes it)."""
     served = model_name or engine.model_name
     metrics = ServerMetrics(getattr(engine, "stats", None))
 
     app = FastAPI(title="puyu", description="OpenAI-compatible API for InternLM chat models", version=__version__)
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, served
+    app.state.allowed_local_media_path = (None if allowed_local_media_path is None
+                                          else Path(allowed_local_media_path).resolve())
     _install_error_handlers(app)
 
     def check_model(name: str) -> None:

@@ -1,7 +1,8 @@
 """`puyu chat`: a terminal chat on an in-process engine, with streaming replies and multi-turn history.
 
 Commands (typed alone on a line): /reset clears the history (the persona stays), /exit or /quit (or Ctrl-D) leaves,
-/help lists them. Ctrl-C while a reply streams stops that reply and keeps the chat going.
+/help lists them. Ctrl-C while a reply streams stops that reply and keeps the chat going. With `--image FILE` (a vision
+model) the image goes with the first question of the conversation (again after /reset) and stays in the history.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 from ..config import GenerationConfig
 from ..engine.client import EngineClient
@@ -56,8 +57,10 @@ class TerminalChat:
     """Reads lines, streams replies; `read` and `out` are replaceable for embedding."""
 
     def __init__(self, engine: EngineClient, gen_config: GenerationConfig, persona: Persona,
-                 read: Callable[[str], str] = input, out: TextIO = sys.stdout):
+                 read: Callable[[str], str] = input, out: TextIO = sys.stdout, image: Any = None):
         self.engine = engine
+        self.image = image  # a PIL image attached to the first user turn
+        self.image_pending = image is not None
         self.gen_config = gen_config
         self.conv = Conversation(persona)
         self.read = read
@@ -101,6 +104,7 @@ class TerminalChat:
             return False
         if line == "/reset":
             self.conv.reset()
+            self.image_pending = self.image is not None
             self.write("(history cleared)\n")
             if self.conv.persona.greeting:
                 self.write(f"{REPLY}{self.conv.persona.greeting}\n")
@@ -111,23 +115,35 @@ class TerminalChat:
         self.turn(line)
         return True
 
+    def _user_message(self, text: str) -> dict[str, Any]:
+        if not self.image_pending:
+            return {"role": "user", "content": text}
+        return {"role": "user", "content": [{"type": "image", "image": self.image}, {"type": "text", "text": text}]}
+
+    def _drop_turn(self) -> None:
+        """Forget the user turn that got no reply (its image, if it had one, goes with the next turn)."""
+        last = self.conv.messages.pop()
+        if isinstance(last.get("content"), list):
+            self.image_pending = True
+
     def turn(self, text: str) -> None:
-        self.conv.messages.append({"role": "user", "content": text})
+        self.conv.messages.append(self._user_message(text))
+        self.image_pending = False
         self.write(REPLY)
         try:
             reply = self.loop.run_until_complete(self._stream())
         except KeyboardInterrupt:
             self._cancel_pending()
             self.write("\n(reply stopped)\n")
-            self.conv.messages.pop()
+            self._drop_turn()
             return
         except ValueError as exc:  # the history no longer fits the session, or a bad option
             self.write(f"\nerror: {exc}. Type /reset to start a new conversation.\n")
-            self.conv.messages.pop()
+            self._drop_turn()
             return
         except RuntimeError as exc:  # the engine failed on this reply; the chat goes on
             self.write(f"\nerror: {exc}\n")
-            self.conv.messages.pop()
+            self._drop_turn()
             return
         self.write("\n")
         if self.finish_reason == "length":  # kept in the history: the next turn may ask to go on

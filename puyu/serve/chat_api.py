@@ -11,7 +11,9 @@ from ..chat_templates import INTERNLM2_CHAT_TEMPLATE
 from ..tokenizer import render_chat
 from .errors import engine_failure
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest
+from .errors import bad_request
+from .media import has_vision, load_image_part, no_vision
+from .protocol import ChatCompletionRequest, ImagePart
 from .responses import (ChoiceState, chat_logprobs, new_id, now, run_until_disconnect, sse, sse_body, sse_response,
                         usage)
 from ..engine.client import EngineClient
@@ -38,6 +40,30 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[list[int]
     return tokenizer.encode(text + prefix, add_special_tokens=False), prefix
 
 
+def image_parts(req: ChatCompletionRequest) -> list[tuple[int, int, ImagePart]]:
+    """(message index, part index, part) of every image part of the request."""
+    return [(i, j, p) for i, m in enumerate(req.messages) if isinstance(getattr(m, "content", None), list)
+            for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
+
+
+def image_prompt(req: ChatCompletionRequest, allowed: Optional[Any]) -> list[dict]:
+    """Engine chat messages for a request with images: the text of each message as `render_prompt` has it, and in
+    messages with images the parts in order, each image decoded (a bad one is a 400 naming its part)."""
+    if req.uses_tools():
+        raise bad_request("tools: not supported together with image content", "tools")
+    out = []
+    for i, m in enumerate(req.messages):
+        msg = to_internlm2_messages([m], None)[0]
+        content = getattr(m, "content", None)
+        if isinstance(content, list) and any(isinstance(p, ImagePart) for p in content):
+            msg["content"] = [
+                {"type": "image", "image": load_image_part(p.image_url.url, f"messages[{i}].content[{j}].image_url",
+                                                           allowed)}
+                if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for j, p in enumerate(content)]
+        out.append(msg)
+    return out
+
+
 class ChatCompletion:
     """One chat completion call."""
 
@@ -48,18 +74,29 @@ class ChatCompletion:
         self.tools = req.uses_tools()
         self.n = req.n or 1
 
-    def _jobs(self, prompt_ids: list[int]) -> list[Job]:
+    def _jobs(self, prompt: Any) -> list[Job]:
+        """`prompt`: token ids, or chat messages with images (whose length the engine knows once they are spliced:
+        without max_tokens such a reply runs to the end of the session)."""
         session_len = int(self.engine.session_len)
-        max_new = self.req.requested_max_tokens() or max(1, session_len - len(prompt_ids))
+        prompt_len = len(prompt) if prompt and isinstance(prompt[0], int) else 0
+        max_new = self.req.requested_max_tokens() or max(1, session_len - prompt_len)
         skip = False if self.tools else (True if self.req.skip_special_tokens is None else self.req.skip_special_tokens)
-        return [Job(i, prompt_ids, self.req.generation_config(max_new, self.req.engine_logprobs(), skip, i))
+        return [Job(i, prompt, self.req.generation_config(max_new, self.req.engine_logprobs(), skip, i))
                 for i in range(self.n)]
 
     async def respond(self, request: Request) -> Response:
         # rendering and tokenising a long conversation takes a while: off the event loop, so /health and the other
         # requests' streams go on meanwhile
-        prompt_ids, self.prefix = await asyncio.to_thread(render_prompt, self.engine.tokenizer, self.req)
-        streams = await start(self.engine, self._jobs(prompt_ids), self.id, self.metrics,
+        images = image_parts(self.req)
+        if images and not has_vision(self.engine):
+            i, j, _ = images[0]
+            raise no_vision(self.model, f"messages[{i}].content[{j}]")
+        if images:  # decoding images takes a while too
+            allowed = getattr(request.app.state, "allowed_local_media_path", None)
+            prompt, self.prefix = await asyncio.to_thread(image_prompt, self.req, allowed), ""
+        else:
+            prompt, self.prefix = await asyncio.to_thread(render_prompt, self.engine.tokenizer, self.req)
+        streams = await start(self.engine, self._jobs(prompt), self.id, self.metrics,
                               salt=cache_salt(request.scope, self.req.cache_salt))
         if self.req.stream:
             return sse_response(self._stream(streams))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..config import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
                       DEFAULT_TOP_P, EngineConfig, GenerationConfig, default_repetition_penalty)
@@ -32,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                        help="browser origins allowed to call the API, with CORS headers ('*': any; default: none "
                             "but the server's own)")
+    serve.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
+                       help="image parts may name local files under DIR (default: data: URLs only)")
     serve.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model folder's)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=run_serve)
@@ -45,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     who.add_argument("--system", default=None, help="system prompt")
     who.add_argument("--persona", default=None,
                      help="persona from configs/personas (file stem or name, e.g. bajie or 八戒) or a YAML file")
+    chat.add_argument("--image", type=Path, default=None, metavar="FILE",
+                      help="an image for a vision model (XComposer2-VL), sent with the first question")
     # the same defaults as the server's and the web UI's (config.py)
     chat.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                       help=f"longest reply in tokens (default {DEFAULT_MAX_NEW_TOKENS}); a cut reply is marked")
@@ -81,10 +86,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from .middleware import default_allowed_hosts
 
     hosts = args.allowed_hosts if args.allowed_hosts is not None else default_allowed_hosts(args.server_name)
+    media = args.allowed_local_media_path
+    if media is not None and not media.is_dir():
+        raise ValueError(f"--allowed-local-media-path: {media} is not a directory")
     engine, backend = _engine(args, config)
     app = create_app(engine, model_name=args.model_name, api_keys=args.api_keys or (),
                      max_request_bytes=args.max_request_bytes, allowed_hosts=hosts,
-                     allowed_origins=args.allowed_origins or ())
+                     allowed_origins=args.allowed_origins or (), allowed_local_media_path=media)
     print(f"puyu serve: {app.state.model_name} ({backend} backend) on http://{args.server_name}:{args.server_port}"
           f"{' (API keys required)' if args.api_keys else ''}", file=sys.stderr, flush=True)
     try:
@@ -104,6 +112,13 @@ def chat_generation_config(args: argparse.Namespace) -> GenerationConfig:
                             else penalty)
 
 
+def _chat_image(path: Path):
+    """The decoded image of --image (errors name the file)."""
+    from ..engine.multimodal import load_image
+
+    return load_image(path, "--image")
+
+
 def run_chat(args: argparse.Namespace) -> int:
     from ..webui.personas import Persona, language_note
     from .chat import TerminalChat, find_persona
@@ -111,12 +126,15 @@ def run_chat(args: argparse.Namespace) -> int:
     persona = find_persona(args.persona) if args.persona else Persona(system=args.system or "")
     gen = chat_generation_config(args)
     check_model_path(args.model)
+    image = _chat_image(args.image) if args.image is not None else None
     engine, _ = _engine(args, engine_config_from_args(args))
     note = language_note(persona, getattr(engine, "tokenizer", None))
     if note:  # the persona still runs: the user chose it, and may know better
         print(f"puyu: note: {note}", file=sys.stderr, flush=True)
     try:
-        return TerminalChat(engine, gen, persona).run()
+        if image is not None and not getattr(getattr(engine, "spec", None), "vision", ""):
+            raise ValueError(f"--image: model {engine.model_name} has no vision (it takes text only)")
+        return TerminalChat(engine, gen, persona, image=image).run()
     finally:
         if hasattr(engine, "close"):
             engine.close()

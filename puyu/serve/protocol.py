@@ -122,17 +122,30 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str = Field(description="a data: URL (data:image/png;base64,...) or, under --allowed-local-media-path, "
+                                 "a local file path or file:// URL")
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class _Message(_Strict):
     def text(self) -> str:
+        """The text of the content (image parts are not text: see `images`)."""
         content = getattr(self, "content", None)
         if content is None:
             return ""
         if isinstance(content, str):
             return content
-        return "".join(part.text for part in content)
+        return "".join(part.text for part in content if isinstance(part, TextPart))
 
 
 Content = Union[str, list[TextPart]]
+UserContent = Union[str, list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]]]
 
 
 class SystemMessage(_Message):
@@ -143,7 +156,7 @@ class SystemMessage(_Message):
 
 class UserMessage(_Message):
     role: Literal["user"]
-    content: Content
+    content: UserContent
     name: Optional[str] = Field(default=None, description="rendered as `user name=...` (e.g. 'file' for uploads)")
 
 

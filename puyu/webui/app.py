@@ -1,4 +1,5 @@
-"""The Gradio app: a chat tab and a data-analysis tab, each holding its own per-session state."""
+"""The Gradio app: chat, image Q&A, composition (图文创作) and data-analysis tabs, each with its own per-session
+state."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,8 @@ import gradio as gr  # noqa: E402
 
 from .backends import ChatBackend  # noqa: E402
 from .chat_tab import build_chat_tab  # noqa: E402
+from .compose_tab import build_compose_tab  # noqa: E402
+from .image_tab import build_image_tab  # noqa: E402
 from .personas import Persona, load_personas  # noqa: E402
 from .settings import ChatSettings  # noqa: E402
 
@@ -44,6 +47,10 @@ def build_app(backend: ChatBackend, config: Optional[AppConfig] = None) -> gr.Bl
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 build_chat_tab(backend, config.personas, config.chat_defaults)
+            with gr.Tab("Image Q&A", id="image", elem_id="tab-image"):
+                build_image_tab(backend, config.chat_defaults)
+            with gr.Tab("Composition", id="compose", elem_id="tab-compose"):
+                build_compose_tab(_vision_pipeline(backend), config.chat_defaults.max_new_tokens)
             with gr.Tab("Data analysis", id="analysis", elem_id="tab-analysis"):
                 _analysis_tab(config.analysis)
     app.queue(default_concurrency_limit=16)
@@ -58,6 +65,17 @@ def quiet_gradio_warnings() -> None:
     except ImportError:  # pandas < 3 warns nothing of the kind
         return
     warnings.filterwarnings("ignore", category=Pandas4Warning, module=r"gradio(\.|$)")
+
+
+def _vision_pipeline(backend: ChatBackend) -> Optional[object]:
+    """A pipeline on the backend's engine when it is in-process and has vision (composition runs several requests
+    and image captions itself), else None."""
+    engine = getattr(backend, "engine", None)
+    if engine is None or not getattr(getattr(engine, "spec", None), "vision", ""):
+        return None
+    from ..engine.pipeline import Pipeline
+
+    return Pipeline(engine)
 
 
 def _analysis_tab(service: Optional["AnalysisService"]) -> None:

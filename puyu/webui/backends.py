@@ -47,7 +47,8 @@ class EngineBackend:
     async def stream(self, messages: list[dict[str, str]], settings: ChatSettings) -> AsyncIterator[ChatChunk]:
         try:
             # The engine runs in its own thread and streams into whichever loop iterates; leaving early aborts.
-            async for out in self.engine.generate(messages, settings.to_generation_config()):
+            prompt = _engine_messages(messages)
+            async for out in self.engine.generate(prompt, settings.to_generation_config()):
                 if out.finish_reason == "error":
                     raise BackendError(f"engine error: {out.error or 'unknown error'}")
                 yield ChatChunk(out.text, out.finish_reason, out.input_token_len,
@@ -126,6 +127,30 @@ class OpenAIBackend:
 
     def close(self) -> None:
         pass
+
+
+def _engine_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages with `image_url` parts (data: URLs) -> the engine's, each image decoded."""
+    from ..serve.errors import APIError
+    from ..serve.media import load_image_part
+
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, p in enumerate(content):
+                if p.get("type") == "image_url":
+                    try:
+                        image = load_image_part(p["image_url"]["url"], f"messages[{i}].content[{j}]", None)
+                    except APIError as exc:
+                        raise BackendError(str(exc)) from None
+                    parts.append({"type": "image", "image": image})
+                else:
+                    parts.append(p)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
 
 
 def _error_message(exc: Any) -> str:

@@ -16,7 +16,7 @@ from puyu.download import RegistryError, UnknownModelError, is_complete_model, l
 from puyu.download.registry import models_dir
 
 EXPECTED = {"internlm2-chat-1_8b", "internlm2-chat-7b", "internlm2-chat-1_8b-sft", "bajie-chat-1_8b",
-            "internlm-xcomposer2-vl-7b", "puyu-tiny"}
+            "internlm-xcomposer2-vl-7b", "internlm-xcomposer2-7b", "puyu-tiny"}
 
 
 def test_registry_has_the_models_we_serve() -> None:
@@ -24,6 +24,9 @@ def test_registry_has_the_models_we_serve() -> None:
     assert EXPECTED <= set(registry)
     assert registry["internlm2-chat-7b"].repos["huggingface"] == "internlm/internlm2-chat-7b"
     assert registry["internlm-xcomposer2-vl-7b"].repos["huggingface"] == "internlm/internlm-xcomposer2-vl-7b"
+    assert registry["internlm-xcomposer2-7b"].repos["huggingface"] == "internlm/internlm-xcomposer2-7b"
+    # 490 px -> 35 x 35 image tokens (VL), 224 px -> 16 x 16 (composition)
+    assert (registry["internlm-xcomposer2-vl-7b"].image_size, registry["internlm-xcomposer2-7b"].image_size) == (490, 224)
     assert registry["puyu-tiny"].builtin and not registry["puyu-tiny"].repos
     for entry in registry.values():
         assert entry.builtin or entry.default_source in ("huggingface", "modelscope"), entry.name

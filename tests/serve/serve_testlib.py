@@ -1,50 +1,11 @@
-"""Helpers for the serve tests: a real uvicorn server in a thread (puyu.testing), and a "scripted" tiny checkpoint.
-
-The scripted checkpoint is a real InternLM2 checkpoint whose weights make greedy decoding follow fixed token chains:
-attention and FFN outputs are zeroed, so the residual stream is the token's embedding and the next token depends on
-the current token only; the LM head maps each chain token onto its successor. A prompt ending in a chain's first
-token is answered with that chain (e.g. an InternLM2 tool call), through the real engine, tokenizer and server.
-"""
+"""Helpers for the serve tests: a real uvicorn server in a thread and a "scripted" tiny checkpoint (both in
+puyu.testing), and the scripted replies the tests use."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional
 
-import torch
-
-from puyu.testing import load_shards, save_shards
-
-
-def script_checkpoint(model_dir: Path, chains: Sequence[Sequence[int]], gain: float = 30.0) -> None:
-    """Rewrite the weights of an InternLM2 tiny checkpoint so that greedy decoding follows `chains` (token ids;
-    each token may have only one successor across all chains)."""
-    successor: dict[int, int] = {}
-    for chain in chains:
-        for cur, nxt in zip(chain, chain[1:]):
-            if successor.setdefault(cur, nxt) != nxt:
-                raise ValueError(f"token {cur} would need two successors ({successor[cur]} and {nxt})")
-    shards = load_shards(model_dir)
-    weights = {k: v for shard in shards.values() for k, v in shard.items()}
-    embed = weights["model.tok_embeddings.weight"].float()
-    normed = embed / embed.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-    head = torch.zeros_like(weights["output.weight"], dtype=torch.float32)
-    for cur, nxt in successor.items():
-        head[nxt] += gain * normed[cur] / normed[cur].pow(2).sum()
-    for shard in shards.values():
-        for name, t in shard.items():
-            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                shard[name] = torch.zeros_like(t)
-            elif name.endswith("norm.weight"):
-                shard[name] = torch.ones_like(t)
-            elif name == "output.weight":
-                shard[name] = head.to(t.dtype)
-    save_shards(model_dir, shards)
-
-
-def chain_ids(tokenizer: Any, start_text: str, reply: str) -> list[int]:
-    """The last token of `start_text` followed by the tokens of `reply`."""
-    return tokenizer.encode(start_text, add_special_tokens=False)[-1:] + \
-        tokenizer.encode(reply, add_special_tokens=False)
+from puyu.testing import chain_ids, script_checkpoint  # noqa: F401 (moved to puyu.testing, re-exported)
 
 
 def metric(text: str, name: str) -> Optional[float]:
