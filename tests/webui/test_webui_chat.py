@@ -201,7 +201,8 @@ def test_agent_runs_on_the_same_engine(chat, engine_backend, tmp_path):
     page.locator("#analysis-run").click()
     expect(page.locator("#analysis-status")).to_contain_text("model turn(s)")
     status = page.locator("#analysis-status").inner_text()
-    assert re.search(r"(answered|max_turns) · [12] model turn", status), status
+    # a random model's answer comes without running code (said so), or the run hits the turn limit
+    assert re.search(r"(answered( without running code)?|max_turns)( \([^)]*\))? · [12] model turn", status), status
     assert "prompt tokens" in status  # usage reported by the engine-backed model
     assert rec.requests == []  # the agent talks to the engine directly, not through the chat backend
     assert engine_backend.engine.stats()["tokens_generated"] > generated
