@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, puyu
 from puyu.download.registry import load_registry
-from puyu.webui.personas import load_personas
+from puyu.personas import load_personas
 from puyu.engine.cpu_kernels import SOURCES
 print(json.dumps({"file": puyu.__file__, "models": sorted(load_registry()),
                   "personas": sorted(p.name for p in load_personas()),

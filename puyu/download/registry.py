@@ -14,7 +14,7 @@ from typing import Any, Optional
 import yaml
 
 from ..config import ConfigError, GenerationConfig
-from ..webui.personas import read_persona
+from ..personas import Persona, read_persona
 
 SOURCES = ("huggingface", "modelscope", "openxlab")
 
@@ -25,14 +25,6 @@ class RegistryError(ValueError):
 
 class UnknownModelError(ValueError):
     """A name is neither a registry entry nor a repository id; the message suggests the closest names."""
-
-
-@dataclass(frozen=True)
-class Persona:
-    """A role the model plays: its system prompt and the first thing it says."""
-
-    system: str
-    greeting: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,19 +119,18 @@ def _parse_persona(path: Path, raw: Any) -> Optional[Persona]:
         if not persona_file.is_file():
             raise RegistryError(f"{path}: persona: no persona file {persona_file}")
         try:
-            persona = read_persona(persona_file)  # the same reader as `puyu chat --persona` and the web UI
+            return read_persona(persona_file)  # the same reader and type as `puyu chat --persona` and the web UI
         except ValueError as exc:
             raise RegistryError(str(exc)) from None
-        raw, path = {"system": persona.system, "greeting": persona.greeting}, persona_file
     _check_type(path, "persona", raw, dict)
-    unknown = set(raw) - {"system", "greeting"}
+    unknown = set(raw) - {"name", "system", "greeting"}
     if unknown:
-        raise RegistryError(f"{path}: persona.{sorted(unknown)[0]}: unknown field (known: system, greeting)")
+        raise RegistryError(f"{path}: persona.{sorted(unknown)[0]}: unknown field (known: name, system, greeting)")
     if not isinstance(raw.get("system"), str) or not raw["system"].strip():
         raise RegistryError(f"{path}: persona.system: must be a non-empty string")
     greeting = raw.get("greeting") or ""
     _check_type(path, "persona.greeting", greeting, str)
-    return Persona(system=raw["system"], greeting=greeting)
+    return Persona(name=str(raw.get("name") or path.stem), system=raw["system"], greeting=greeting)
 
 
 def _parse_generation(path: Path, raw: Any) -> dict[str, Any]:

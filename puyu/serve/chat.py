@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, TextIO
 
 from ..config import GenerationConfig
 from ..engine.client import EngineClient
-from ..webui.personas import DEFAULT_PERSONA_DIR, Persona, read_persona
+from ..personas import DEFAULT_PERSONA_DIR, Persona, read_persona
 
 HELP = "commands: /reset (clear the history), /exit or /quit (leave), /help"
 PROMPT = "user> "

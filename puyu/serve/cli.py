@@ -120,7 +120,7 @@ def _chat_image(path: Path):
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from ..webui.personas import Persona, language_note
+    from ..personas import Persona, language_note
     from .chat import TerminalChat, find_persona
 
     persona = find_persona(args.persona) if args.persona else Persona(system=args.system or "")

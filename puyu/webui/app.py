@@ -15,7 +15,7 @@ from .backends import ChatBackend  # noqa: E402
 from .chat_tab import build_chat_tab  # noqa: E402
 from .compose_tab import build_compose_tab  # noqa: E402
 from .image_tab import build_image_tab  # noqa: E402
-from .personas import Persona, load_personas  # noqa: E402
+from ..personas import Persona, load_personas  # noqa: E402
 from .settings import ChatSettings  # noqa: E402
 
 if TYPE_CHECKING:  # the agent extra may be missing: the app then runs without the analysis tab

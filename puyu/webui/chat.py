@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 from .backends import BackendError, ChatBackend
-from .personas import Persona
+from ..personas import Persona
 from .settings import ChatSettings
 
 Update = tuple[list[dict[str, str]], "Conversation", str, str]

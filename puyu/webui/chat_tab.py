@@ -9,7 +9,7 @@ import gradio as gr
 from . import chat
 from .backends import ChatBackend
 from .chat import Conversation, format_error
-from .personas import Persona, language_note, order_for_model
+from ..personas import Persona, language_note, order_for_model
 from .settings import ChatSettings
 
 # Events that stream from the backend run concurrently across sessions (the engine batches them).

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give either MODEL (the engine in this process) or --api-url (a server), not both")
     check_model_path(args.model)
     engine_config = None if args.api_url else engine_config_from_args(args)
-    from .personas import load_personas
+    from ..personas import load_personas
 
     personas = load_personas(args.personas)
     check_bindable(args.server_name, args.server_port)

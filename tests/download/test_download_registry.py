@@ -120,3 +120,19 @@ def test_offline_mode_and_model_not_cached_is_a_clear_error(tmp_path: Path) -> N
     assert "HF_HUB_OFFLINE=1" in result.stderr and "puyu download internlm2-chat-1_8b" in result.stderr
     cli = _run(["-m", "puyu.cli", "download", "internlm2-chat-1_8b"], tmp_path, HF_HUB_OFFLINE="1")
     assert cli.returncode == 2 and "HF_HUB_OFFLINE=1" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_registry_personas_are_the_chat_personas() -> None:
+    """One Persona type: the registry's, `puyu chat --persona` and the web UI's are the same objects' kind, read by
+    the same reader; serve and download no longer import the web UI to get it."""
+    import subprocess
+    import sys
+
+    from puyu.personas import DEFAULT_PERSONA_DIR, Persona, read_persona
+
+    bajie = lookup("bajie-chat-1_8b").persona
+    assert isinstance(bajie, Persona) and bajie == read_persona(DEFAULT_PERSONA_DIR / "bajie.yaml")
+    probe = ("import sys, puyu.serve.chat, puyu.serve.cli, puyu.download.registry; "
+             "print(sorted(m for m in sys.modules if m.startswith('puyu.webui')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

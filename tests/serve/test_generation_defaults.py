@@ -43,7 +43,7 @@ def test_greedy_stays_plain_greedy_unless_a_penalty_is_asked_for():
 def test_terminal_chat_marks_a_reply_cut_by_length(internlm2_checkpoint):
     from puyu.engine import AsyncEngine
     from puyu.serve.chat import TerminalChat
-    from puyu.webui.personas import Persona
+    from puyu.personas import Persona
 
     lines = iter(["hello there", "/exit"])
     out = io.StringIO()

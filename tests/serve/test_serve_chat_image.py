@@ -14,7 +14,7 @@ def test_chat_with_an_image_matches_the_pipeline(xcomposer2_checkpoint):
     from puyu.engine import AsyncEngine
     from puyu.engine.pipeline import Pipeline
     from puyu.serve.chat import TerminalChat
-    from puyu.webui.personas import Persona
+    from puyu.personas import Persona
 
     gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
     image = random_image(1)

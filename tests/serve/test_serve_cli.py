@@ -119,7 +119,7 @@ def test_serve_chat_ctrl_c_stops_the_reply_not_the_chat(checkpoint_factory, tmp_
 def test_serve_chat_keeps_multi_turn_history(scripted):
     from puyu.engine import AsyncEngine
     from puyu.serve.chat import TerminalChat
-    from puyu.webui.personas import Persona
+    from puyu.personas import Persona
 
     lines = iter(["first question", "second question", "/reset", "third", "/quit", "never read"])
     out = io.StringIO()
@@ -145,7 +145,7 @@ def test_serve_chat_keeps_multi_turn_history(scripted):
 def test_serve_chat_history_overflow_is_reported_not_a_crash(scripted):
     from puyu.engine import AsyncEngine
     from puyu.serve.chat import TerminalChat
-    from puyu.webui.personas import Persona
+    from puyu.personas import Persona
 
     lines = iter(["word " * 400, "/exit"])
     out = io.StringIO()

@@ -15,7 +15,7 @@ from puyu.agent.runner import RunConfig
 from puyu.webui.analysis import AnalysisService
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import EngineBackend
-from puyu.webui.personas import PLAIN, load_personas
+from puyu.personas import PLAIN, load_personas
 from puyu.webui.settings import ChatSettings
 
 BAJIE = next(p for p in load_personas() if p.name == "八戒")  # the real one, from configs/personas

@@ -14,7 +14,7 @@ from puyu.engine import AsyncEngine
 from puyu.testing import random_png, scripted_copy
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import EngineBackend
-from puyu.webui.personas import PLAIN
+from puyu.personas import PLAIN
 from puyu.webui.settings import ChatSettings
 
 REPLY = "Sun<image: red square>End<|im_end|>"

@@ -13,7 +13,7 @@ from puyu.config import EngineConfig
 from puyu.engine import AsyncEngine
 from puyu.webui.app import AppConfig, quiet_gradio_warnings
 from puyu.webui.backends import EngineBackend
-from puyu.webui.personas import PLAIN, Persona, claims_internlm, load_personas, order_for_model
+from puyu.personas import PLAIN, Persona, claims_internlm, load_personas, order_for_model
 from puyu.webui.settings import ChatSettings
 
 PERSONAS = load_personas()  # the real ones: default (InternLM), assistant, 八戒, pirate, plain

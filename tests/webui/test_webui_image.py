@@ -13,7 +13,7 @@ from puyu.testing import random_png
 from puyu.engine import AsyncEngine
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import EngineBackend
-from puyu.webui.personas import PLAIN
+from puyu.personas import PLAIN
 from puyu.webui.settings import ChatSettings
 
 GREEDY = ChatSettings(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)

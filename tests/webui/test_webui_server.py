@@ -13,7 +13,7 @@ from webui_testlib import letters, puyu_process, running_app, send, upload
 from puyu.tokenizer import Tokenizer
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import OpenAIBackend
-from puyu.webui.personas import PLAIN, load_personas
+from puyu.personas import PLAIN, load_personas
 from puyu.webui.settings import ChatSettings
 
 PERSONAS = load_personas()  # the real ones of configs/personas

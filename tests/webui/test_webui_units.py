@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from puyu.webui.chat import Conversation
-from puyu.webui.personas import PLAIN, Persona, load_personas, read_persona
+from puyu.personas import PLAIN, Persona, load_personas, read_persona
 from puyu.webui.settings import ChatSettings
 
 

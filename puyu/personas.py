@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ..paths import configs_dir
+from .paths import configs_dir
 
 DEFAULT_PERSONA_DIR = configs_dir() / "personas"
 
