@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .chat_templates import INTERNLM2_CHAT_TEMPLATE, PROTOCOL_TOKENS
+from .convert.archs import Heads, layout
 from .paths import cache_root
 
 BASE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
@@ -129,36 +130,23 @@ def _random_weights(arch: str, shape: TinyShape, vocab: int, seed: int) -> dict[
     def bias(n: int) -> torch.Tensor:
         return 0.1 * torch.randn(n, generator=gen)
 
-    w: dict[str, torch.Tensor] = {}
-    if arch == "internlm2":
-        w["model.tok_embeddings.weight"] = torch.randn(vocab, h, generator=gen)
-    else:
-        w["model.embed_tokens.weight"] = torch.randn(vocab, h, generator=gen)
+    names = layout(arch)
+    spec = Heads(hq, hkv, d)
+    w: dict[str, torch.Tensor] = {names.embed: torch.randn(vocab, h, generator=gen)}
     for layer in range(shape.num_hidden_layers):
+        p = f"model.layers.{layer}."
         q, k, v = lin(hq * d, h, 2.0), lin(hkv * d, h, 2.0), lin(hkv * d, h)
         o, gate, up, down = lin(h, hq * d), lin(i, h), lin(i, h), lin(h, i)
-        if arch == "internlm2":
-            p = f"model.layers.{layer}."
-            g = hq // hkv
-            wqkv = torch.cat([q.view(hkv, g, d, h), k.view(hkv, 1, d, h), v.view(hkv, 1, d, h)], dim=1)
-            w[p + "attention.wqkv.weight"] = wqkv.reshape(-1, h)
-            w[p + "attention.wo.weight"] = o
-            w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w3.weight"] = gate, up
-            w[p + "feed_forward.w2.weight"] = down
-            w[p + "attention_norm.weight"], w[p + "ffn_norm.weight"] = norm(h), norm(h)
-        else:
-            p = f"model.layers.{layer}."
-            for name, t in (("q", q), ("k", k), ("v", v), ("o", o)):
-                w[p + f"self_attn.{name}_proj.weight"] = t
-            if arch == "qwen2":
-                w[p + "self_attn.q_proj.bias"], w[p + "self_attn.k_proj.bias"] = bias(hq * d), bias(hkv * d)
-                w[p + "self_attn.v_proj.bias"] = bias(hkv * d)
-            w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"] = gate, up
-            w[p + "mlp.down_proj.weight"] = down
-            w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"] = norm(h), norm(h)
-    final_norm = "model.norm.weight"
-    w[final_norm] = norm(h)
-    w["output.weight" if arch == "internlm2" else "lm_head.weight"] = lin(vocab, h, 4.0)
+        for name, t in names.join_qkv(q, k, v, spec).items():
+            w[f"{p}{name}.weight"] = t
+        if arch == "qwen2":  # q/k/v biases
+            for name, t in names.join_qkv(bias(hq * d), bias(hkv * d), bias(hkv * d), spec).items():
+                w[f"{p}{name}.bias"] = t
+        for name, t in ((names.o, o), (names.gate, gate), (names.up, up), (names.down, down),
+                        (names.attn_norm, norm(h)), (names.ffn_norm, norm(h))):
+            w[f"{p}{name}.weight"] = t
+    w[names.final_norm] = norm(h)
+    w[names.lm_head] = lin(vocab, h, 4.0)
     return w
 
 

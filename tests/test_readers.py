@@ -63,3 +63,26 @@ def test_missing_and_corrupt_shard(tmp_path, checkpoint_factory):
     shard.unlink()
     with pytest.raises(CheckpointError, match="missing"):
         CheckpointFiles(tmp_path)
+
+
+@pytest.mark.parametrize("arch_key", ["internlm2", "llama", "qwen2"])
+def test_every_architecture_is_one_layout_in_the_registry(checkpoint_factory, arch_key):
+    """The HF names live once, in puyu/convert/archs/: spec's architectures come from it, and the tiny fixtures
+    (written through the layouts) read back through the same layouts with every tensor used."""
+    from puyu.convert.archs import HF_ARCHITECTURES, LAYOUTS, layout
+    from puyu.convert.readers import CheckpointFiles, iter_turbomind_tensors
+    from puyu.convert.spec import SUPPORTED_ARCHS, read_model_spec
+
+    path = checkpoint_factory(arch_key)
+    files, used = CheckpointFiles(path), set()
+    get = files.get
+    files.get = lambda name: used.add(name) or get(name)  # type: ignore[method-assign]
+    list(iter_turbomind_tensors(files, read_model_spec(path)))
+    assert used == set(files.names())
+
+    assert SUPPORTED_ARCHS == HF_ARCHITECTURES
+    assert set(HF_ARCHITECTURES.values()) == set(LAYOUTS)
+    for key, names in LAYOUTS.items():
+        assert layout(key) is names and len(names.linears) in (5, 7)
+    with pytest.raises(KeyError, match="known: internlm2, llama, qwen2"):
+        layout("mamba")

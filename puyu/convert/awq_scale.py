@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from .archs import layout
 from .awq import fake_quantize
 from .spec import CheckpointError, ModelSpec
 
@@ -87,19 +87,6 @@ def _calibration_ids(src: Path, text: str, max_tokens: int) -> list[int]:
     return ids
 
 
-def _names(spec: ModelSpec, i: int) -> dict[str, Any]:
-    """HF tensor names of layer i's AWQ groups; 'qkv' is a list (one fused or three separate)."""
-    p = f"model.layers.{i}."
-    if spec.arch == "internlm2":
-        return {"attn_norm": p + "attention_norm.weight", "qkv": [p + "attention.wqkv.weight"],
-                "ffn_norm": p + "ffn_norm.weight", "gate": p + "feed_forward.w1.weight",
-                "up": p + "feed_forward.w3.weight", "down": p + "feed_forward.w2.weight"}
-    return {"attn_norm": p + "input_layernorm.weight",
-            "qkv": [p + f"self_attn.{n}_proj.weight" for n in ("q", "k", "v")],
-            "ffn_norm": p + "post_attention_layernorm.weight", "gate": p + "mlp.gate_proj.weight",
-            "up": p + "mlp.up_proj.weight", "down": p + "mlp.down_proj.weight"}
-
-
 def collect_groups(src: Path, spec: ModelSpec, weights: dict[str, torch.Tensor], ids: list[int]) -> list[ScaleGroup]:
     """Run the float reference model once and record each group's inputs."""
     from .reference import load_reference_model
@@ -120,9 +107,12 @@ def collect_groups(src: Path, spec: ModelSpec, weights: dict[str, torch.Tensor],
         for h in hooks:
             h.remove()
     groups = []
+    names = layout(spec.arch)
     for i in range(spec.num_layers):
-        n = _names(spec, i)
-        groups.append(ScaleGroup(n["qkv"], n["attn_norm"], False, captured[(i, "attn")]))
-        groups.append(ScaleGroup([n["gate"], n["up"]], n["ffn_norm"], False, captured[(i, "mlp")]))
-        groups.append(ScaleGroup([n["down"]], n["up"], True, captured[(i, "down")]))
+        def w(name: str, p: str = f"model.layers.{i}.") -> str:
+            return f"{p}{name}.weight"
+
+        groups.append(ScaleGroup([w(n) for n in names.qkv], w(names.attn_norm), False, captured[(i, "attn")]))
+        groups.append(ScaleGroup([w(names.gate), w(names.up)], w(names.ffn_norm), False, captured[(i, "mlp")]))
+        groups.append(ScaleGroup([w(names.down)], w(names.up), True, captured[(i, "down")]))
     return groups

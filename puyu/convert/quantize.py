@@ -19,17 +19,10 @@ import torch
 
 from .awq import quantize_rtn
 from .outdir import atomic_directory, check_destination, copy_side_files
+from .archs import layout
 from .readers import CheckpointFiles
 from .spec import CheckpointError, ModelSpec, read_json, read_model_spec
 from .tp import SUPPORTED_GROUP_SIZES
-
-# HF linear names of one layer, per architecture
-LINEAR_NAMES = {
-    "internlm2": ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"),
-    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-              "mlp.up_proj", "mlp.down_proj"),
-}
-LINEAR_NAMES["qwen2"] = LINEAR_NAMES["llama"]
 
 
 @dataclass
@@ -79,7 +72,7 @@ def quantize_checkpoint(src: Path | str, dst: Path | str,
     out = _quantize_weights(weights, spec, options.group_size)
     with atomic_directory(dst) as tmp:
         _write(src, tmp, out, options.group_size)
-    n = spec.num_layers * len(LINEAR_NAMES[spec.arch])
+    n = spec.num_layers * len(layout(spec.arch).linears)
     return QuantizeResult(dst, time.perf_counter() - start, n, options.calib_path is not None)
 
 
@@ -93,7 +86,7 @@ def _check_dims(src: Path, spec: ModelSpec, g: int) -> None:
 
 def _quantize_weights(weights: dict[str, torch.Tensor], spec: ModelSpec, g: int) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    linears = {f"model.layers.{i}.{lin}.weight" for i in range(spec.num_layers) for lin in LINEAR_NAMES[spec.arch]}
+    linears = {f"model.layers.{i}.{lin}.weight" for i in range(spec.num_layers) for lin in layout(spec.arch).linears}
     for name, t in weights.items():
         if name in linears:
             prefix = name[: -len(".weight")]

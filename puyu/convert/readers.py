@@ -8,13 +8,14 @@ what the caller asks for: the on-disk writer pads and splits.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
+from .archs import HFLayout, layout
+from .archs.base import TensorGetter
 from .spec import CheckpointError, ModelSpec, read_json, read_model_spec
 
-TensorGetter = Callable[[str], torch.Tensor]
 
 
 class CheckpointFiles:
@@ -94,40 +95,6 @@ def permute_rotary_rows(w: torch.Tensor, num_heads: int, head_dim: int) -> torch
     return w.reshape(num_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(num_heads * head_dim, *rest)
 
 
-def _split_internlm2_wqkv(t: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = spec.num_heads // spec.num_kv_heads
-    d = spec.head_dim
-    grouped = t.reshape(spec.num_kv_heads, g + 2, d, *t.shape[1:])
-    q = grouped[:, :g].reshape(spec.num_heads * d, *t.shape[1:])
-    k = grouped[:, g].reshape(spec.num_kv_heads * d, *t.shape[1:])
-    v = grouped[:, g + 1].reshape(spec.num_kv_heads * d, *t.shape[1:])
-    return q, k, v
-
-
-class _HFNames:
-    """The HF tensor names of one architecture."""
-
-    def __init__(self, arch: str):
-        self.arch = arch
-        if arch == "internlm2":
-            self.embed, self.lm_head = "model.tok_embeddings.weight", "output.weight"
-            self.attn_norm, self.ffn_norm = "attention_norm.weight", "ffn_norm.weight"
-            self.o, self.gate, self.up, self.down = ("attention.wo", "feed_forward.w1", "feed_forward.w3",
-                                                     "feed_forward.w2")
-        else:
-            self.embed, self.lm_head = "model.embed_tokens.weight", "lm_head.weight"
-            self.attn_norm, self.ffn_norm = "input_layernorm.weight", "post_attention_layernorm.weight"
-            self.o, self.gate, self.up, self.down = ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                                                     "mlp.down_proj")
-
-
-def _qkv_parts(get: TensorGetter, prefix: str, spec: ModelSpec, kind: str) -> list[torch.Tensor]:
-    """q, k, v weights (kind='weight') or biases (kind='bias') of one layer, in HF row order."""
-    if spec.arch == "internlm2":
-        return list(_split_internlm2_wqkv(get(f"{prefix}attention.wqkv.{kind}"), spec))
-    return [get(f"{prefix}self_attn.{n}_proj.{kind}") for n in ("q", "k", "v")]
-
-
 def fused_qkv(parts: list[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
     """Permute q/k rows for interleaved rotary and concatenate q|k|v along the output axis (rows)."""
     q, k, v = parts
@@ -136,14 +103,14 @@ def fused_qkv(parts: list[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
     return torch.cat([q, k, v], dim=0)
 
 
-def _linear_rows(get: TensorGetter, p: str, spec: ModelSpec, names: "_HFNames",
+def _linear_rows(get: TensorGetter, p: str, spec: ModelSpec, names: HFLayout,
                  kind: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(TurboMind linear name, tensor with output rows first) of one layer's linears, for one tensor kind.
 
     `kind` is 'weight' for float checkpoints; 'qweight', 'scales' or 'qzeros' for AWQ ones (the getter then returns
     the unpacked values transposed to `[out, in]` / `[out, in/g]`, so that the same row surgery applies).
     """
-    yield "attention.w_qkv", fused_qkv(_qkv_parts(get, p, spec, kind), spec)
+    yield "attention.w_qkv", fused_qkv(names.qkv_parts(get, p, spec, kind), spec)
     yield "attention.wo", get(f"{p}{names.o}.{kind}")
     yield "feed_forward.w1", get(f"{p}{names.gate}.{kind}")
     yield "feed_forward.w3", get(f"{p}{names.up}.{kind}")
@@ -190,7 +157,7 @@ def iter_turbomind_tensors(files: CheckpointFiles, spec: ModelSpec,
     For an AWQ checkpoint (spec.quant_method == 'awq') each linear yields `X.qweight`, `X.scales`, `X.zeros`
     instead of `X.weight` (workspace packing, see DEVELOPERS.md); `dtype` applies to the float tensors only.
     """
-    names = _HFNames(spec.arch)
+    names = layout(spec.arch)
 
     def get(name: str) -> torch.Tensor:
         t = files.get(name)
@@ -199,7 +166,7 @@ def iter_turbomind_tensors(files: CheckpointFiles, spec: ModelSpec,
     embed = get(names.embed)
     _check_shape(names.embed, embed, (spec.vocab_size, spec.hidden_size), files)
     yield "tok_embeddings.weight", embed
-    yield "norm.weight", get("model.norm.weight")
+    yield "norm.weight", get(names.final_norm)
     lm_head = embed if (spec.tie_word_embeddings and names.lm_head not in files) else get(names.lm_head)
     _check_shape(names.lm_head, lm_head, (spec.vocab_size, spec.hidden_size), files)
     yield "output.weight", lm_head
@@ -217,9 +184,9 @@ def iter_turbomind_tensors(files: CheckpointFiles, spec: ModelSpec,
                 suffix, t = _finish_linear(rows, kind)
                 yield f"{tm}{lin}.{suffix}", t
         if spec.attn_bias:
-            yield tm + "attention.w_qkv.bias", fused_qkv(_qkv_parts(get, p, spec, "bias"), spec)
-        yield tm + "attention_norm.weight", get(p + names.attn_norm)
-        yield tm + "ffn_norm.weight", get(p + names.ffn_norm)
+            yield tm + "attention.w_qkv.bias", fused_qkv(names.qkv_parts(get, p, spec, "bias"), spec)
+        yield tm + "attention_norm.weight", get(f"{p}{names.attn_norm}.weight")
+        yield tm + "ffn_norm.weight", get(f"{p}{names.ffn_norm}.weight")
     if spec.vision == "xcomposer2":
         from .xcomposer2 import iter_plora_tensors
 

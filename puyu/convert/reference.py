@@ -10,27 +10,24 @@ from typing import Any
 
 import torch
 
-from .readers import CheckpointFiles, _split_internlm2_wqkv
+from .archs import LLAMA, layout
+from .readers import CheckpointFiles
 from .spec import ModelSpec, read_model_spec
 
 
-def internlm2_to_llama_state_dict(files: CheckpointFiles, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    sd: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": files.get("model.tok_embeddings.weight"),
-        "model.norm.weight": files.get("model.norm.weight"),
-        "lm_head.weight": files.get("output.weight"),
-    }
-    renames = {"attention.wo.weight": "self_attn.o_proj.weight", "feed_forward.w1.weight": "mlp.gate_proj.weight",
-               "feed_forward.w3.weight": "mlp.up_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
-               "attention_norm.weight": "input_layernorm.weight",
-               "ffn_norm.weight": "post_attention_layernorm.weight"}
+def to_llama_state_dict(files: CheckpointFiles, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights under `LlamaForCausalLM`'s names (InternLM2's grouped wqkv split into q/k/v)."""
+    src, dst = layout(spec.arch), LLAMA
+    sd: dict[str, torch.Tensor] = {dst.embed: files.get(src.embed), dst.final_norm: files.get(src.final_norm),
+                                   dst.lm_head: files.get(src.lm_head)}
+    pairs = [(src.o, dst.o), (src.gate, dst.gate), (src.up, dst.up), (src.down, dst.down),
+             (src.attn_norm, dst.attn_norm), (src.ffn_norm, dst.ffn_norm)]
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        q, k, v = _split_internlm2_wqkv(files.get(p + "attention.wqkv.weight"), spec)
-        sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"] = q, k
-        sd[p + "self_attn.v_proj.weight"] = v
-        for old, new in renames.items():
-            sd[p + new] = files.get(p + old)
+        q, k, v = src.qkv_parts(files.get, p, spec, "weight")
+        sd.update({p + name + ".weight": t for name, t in dst.join_qkv(q, k, v, spec).items()})
+        for old, new in pairs:
+            sd[f"{p}{new}.weight"] = files.get(f"{p}{old}.weight")
     return sd
 
 
@@ -61,7 +58,7 @@ def load_reference_model(model_dir: Path | str, dtype: torch.dtype = torch.float
         config._attn_implementation = "eager"
         model: Any = LlamaForCausalLM(config)
         model = model.to(dtype)
-        sd = internlm2_to_llama_state_dict(CheckpointFiles(model_dir), spec)
+        sd = to_llama_state_dict(CheckpointFiles(model_dir), spec)
         model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
         model = model.to(device)
     else:

@@ -6,17 +6,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .archs import HF_ARCHITECTURES
+
 
 class CheckpointError(ValueError):
     """A checkpoint or workspace cannot be read; the message names the file and what is wrong."""
 
 
-SUPPORTED_ARCHS = {
-    "InternLM2ForCausalLM": "internlm2",
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "InternLMXComposer2ForCausalLM": "internlm2",  # an InternLM2 LLM + CLIP + Partial LoRA (convert/xcomposer2.py)
-}
+SUPPORTED_ARCHS = HF_ARCHITECTURES  # config.json architectures[0] -> ModelSpec.arch (one file each: archs/)
 VISION_ARCHS = {"InternLMXComposer2ForCausalLM": "xcomposer2"}
 
 

@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .readers import CheckpointFiles, _split_internlm2_wqkv, fused_qkv
+from .archs import split_grouped_qkv
+from .readers import CheckpointFiles, fused_qkv
 from .spec import CheckpointError, ModelSpec
 
 VISION_PREFIX = "vit.vision_tower.vision_model."
@@ -40,7 +41,7 @@ def iter_plora_tensors(get: Callable[[str], torch.Tensor], spec: ModelSpec) -> I
             if a.shape[0] != b.shape[1]:
                 raise CheckpointError(f"{p}Plora_A/Plora_B: ranks differ ({a.shape[0]} vs {b.shape[1]})")
             if tm == "attention.w_qkv":
-                b = fused_qkv(list(_split_internlm2_wqkv(b, spec)), spec)
+                b = fused_qkv(list(split_grouped_qkv(b, spec)), spec)
             yield f"layers.{i}.{tm}.lora_a.weight", a.t().contiguous()
             yield f"layers.{i}.{tm}.lora_b.weight", b.t().contiguous()
 
