@@ -281,7 +281,7 @@ def _qkv(tensors: _Tensors, i: int, spec: ModelSpec, packed: bool, permute: bool
 def _linear_out(name: str, parts: dict[str, np.ndarray], dtype: "torch.dtype | None") -> dict[str, "torch.Tensor"]:
     import torch
 
-    from .awq import pack_int4
+    from ..int4_packing import pack_int4
 
     if "weight" in parts:
         w = _to_torch(parts["weight"])

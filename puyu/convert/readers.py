@@ -125,7 +125,7 @@ def _expected_rows(spec: ModelSpec) -> dict[str, tuple[int, int]]:
 
 
 def _awq_getter(files: "CheckpointFiles") -> TensorGetter:
-    from .awq import unpack_awq
+    from ..int4_packing import unpack_awq
 
     def get(name: str) -> torch.Tensor:
         t = files.get(name)
@@ -140,7 +140,7 @@ def _finish_linear(rows: torch.Tensor, kind: str) -> tuple[str, torch.Tensor]:
     """Rows-first tensor of one kind -> (TurboMind suffix, `[in, out]` tensor in workspace packing)."""
     t = rows.t().contiguous()
     if kind == "qweight":
-        from .awq import pack_int4
+        from ..int4_packing import pack_int4
 
         return "qweight", pack_int4(t)
     if kind == "qzeros":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .awq import pack_int4, unpack_int4
+from ..int4_packing import pack_int4, unpack_int4
 from .spec import CheckpointError, ModelSpec
 
 TP_SIZES = (1, 2, 4, 8)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..convert.awq import unpack_int4
+from ..int4_packing import unpack_int4
 
 _FUSED_GROUP_SIZES = (32, 64, 128, 256)
 

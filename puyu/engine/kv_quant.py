@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 # one int4 packing for 4-bit weights and the KV cache (natural order, low nibble first)
-from ..convert.awq import pack_int4, unpack_int4  # noqa: F401  (re-exported)
+from ..int4_packing import pack_int4, unpack_int4  # noqa: F401  (re-exported)
 
 SUPPORTED_BITS = (8, 4)
 NIBBLES_PER_WORD = 8

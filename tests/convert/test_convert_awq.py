@@ -8,7 +8,8 @@ import torch
 
 from convert_helpers import INT4_SHAPE, raw
 from puyu.cli import main
-from puyu.convert.awq import AWQ_ORDER, pack_awq, pack_int4, quantize_rtn, unpack_awq, unpack_int4
+from puyu.convert.awq import quantize_rtn
+from puyu.int4_packing import AWQ_ORDER, pack_awq, pack_int4, unpack_awq, unpack_int4
 from puyu.convert.readers import CheckpointFiles, permute_rotary_rows, read_hf_checkpoint
 from puyu.convert.workspace import read_workspace
 from puyu.engine.int4 import Int4Linear

@@ -87,7 +87,7 @@ def test_decode_attention_matches_reference(dtype, heads):
 @pytest.mark.parametrize("shape", [(1, 64, 48), (5, 128, 40), (9, 192, 16), (40, 128, 40)])
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_int4_linear_matches_dequantised(shape, group_size):
-    from puyu.convert.awq import pack_int4
+    from puyu.int4_packing import pack_int4
     from puyu.engine.int4 import Int4Linear
 
     b, k, n = shape
