@@ -115,7 +115,7 @@ class AsyncEngine:
         if not isinstance(gen_config, GenerationConfig):
             raise ValueError(f"gen_config: must be a GenerationConfig, got {type(gen_config).__name__}")
         gen_config.validate()
-        self.tokenizer.check_ids(gen_config.stop_token_ids or [], "stop_token_ids: id")
+        self.engine.check_request(gen_config)
         ids = self.engine.prepare_prompt(prompt)
         return ids, gen_config, request_id or uuid.uuid4().hex
 

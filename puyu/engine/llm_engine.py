@@ -17,6 +17,7 @@ from ..convert.spec import CheckpointError, ModelSpec
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .errors import PromptTooLongError
+from .grammar import Grammars, GuideState
 from .kv_cache import KVCacheStorage
 from .memory import cpu_threads, num_cache_blocks, resolve_device, resolve_dtype
 from .model import DecoderModel
@@ -35,6 +36,7 @@ class _Request:
     seq: Sequence
     text: TextStream
     stop_ids: frozenset[int]
+    guide: Optional[GuideState] = None
 
 
 def resolve_checkpoint(model_path: Union[str, Path, None]) -> Path:
@@ -81,6 +83,7 @@ class LLMEngine:
         self.spec, weights, self.dtype = load_weights(self.model_path, config, self.device)
         self.model = DecoderModel(self.spec, weights, self.device, config.kernels)
         self.tokenizer = Tokenizer(self.model_path, self.spec.vocab_size, self.spec.eos_token_ids, self.spec.arch)
+        self.grammars = Grammars(self.tokenizer)
         self._init_cache()
         self.requests: dict[str, _Request] = {}
         self.tokens_generated = 0
@@ -124,15 +127,25 @@ class LLMEngine:
         if len(prompt_ids) > self.session_len:
             raise PromptTooLongError(len(prompt_ids), self.session_len)
         gen_config.validate()
-        self.tokenizer.check_ids(gen_config.stop_token_ids or [], "stop_token_ids: id")
+        self.check_request(gen_config)
         stop = set(gen_config.stop_token_ids or ())
         if not gen_config.ignore_eos:
             stop |= set(self.tokenizer.stop_token_ids)
         seq = Sequence(request_id, list(prompt_ids), gen_config, self.session_len,
                        generator=None if gen_config.greedy else make_generator(gen_config.random_seed))
-        text = TextStream(self.tokenizer, gen_config.skip_special_tokens, gen_config.stop_words)
-        self.requests[request_id] = _Request(seq, text, frozenset(stop))
+        text = TextStream(self.tokenizer, gen_config.skip_special_tokens, gen_config.stop_words,
+                          gen_config.include_stop_str_in_output)
+        guide = None if gen_config.guide is None else self.grammars.matcher(gen_config.guide, sorted(stop))
+        self.requests[request_id] = _Request(seq, text, frozenset(stop), guide)
         self.scheduler.add(seq)
+
+    def check_request(self, gen_config: GenerationConfig) -> None:
+        """The options that depend on the checkpoint: token ids in range, a guide that compiles (ValueErrors naming
+        the field)."""
+        self.tokenizer.check_ids(gen_config.stop_token_ids or [], "stop_token_ids: id")
+        self.tokenizer.check_ids(list(gen_config.logit_bias or {}), "logit_bias: token id")
+        if gen_config.guide is not None:
+            self.grammars.compile(gen_config.guide)
 
     def abort(self, request_id: str, reason: str = "abort", error: Optional[str] = None) -> Optional[StreamOutput]:
         req = self.requests.pop(request_id, None)
@@ -161,7 +174,8 @@ class LLMEngine:
         done = [item.seq for item in scheduled if item.completes]
         reqs = [self.requests[s.request_id] for s in done]
         tokens, logprobs = sample(logits, [SampleRequest(r.seq.gen_config, r.seq.prompt_ids, r.seq.output_ids,
-                                                         sorted(r.stop_ids), r.seq.generator) for r in reqs])
+                                                         sorted(r.stop_ids), r.seq.generator, r.guide)
+                                          for r in reqs])
         outputs = []
         for req, token, lp in zip(reqs, tokens, logprobs):
             if isinstance(token, SamplingFailed):
@@ -184,20 +198,22 @@ class LLMEngine:
     def _append(self, req: _Request, token: int, logprobs: Optional[dict[int, float]]) -> StreamOutput:
         seq = req.seq
         g = seq.gen_config
+        if req.guide is not None and not req.guide.accept(token):
+            return self.abort(seq.request_id, "error", f"token {token} is not allowed by the request's grammar")
         if token in req.stop_ids and len(seq.output_ids) >= g.min_new_tokens:
             return self._finish(req, StreamOutput(), "stop")
         seq.output_ids.append(token)
         self.tokens_generated += 1
         out = StreamOutput(text=req.text.add([token]), token_ids=[token],
                            logprobs=None if logprobs is None else [logprobs])
-        if req.text.stopped:
+        if req.text.stopped or (req.guide is not None and req.guide.finished):
             return self._finish(req, out, "stop")
         if len(seq.output_ids) >= g.max_new_tokens or len(seq) >= self.session_len:
             return self._finish(req, out, "length")
         return self._fill(out, seq)
 
     def _finish(self, req: _Request, out: StreamOutput, reason: str) -> StreamOutput:
-        out.text += req.text.finish()
+        out.text += req.text.finish(cut=reason == "length")
         self.requests.pop(req.seq.request_id, None)
         self.scheduler.finish(req.seq, reason)
         out.finish_reason = reason

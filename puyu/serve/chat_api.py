@@ -14,7 +14,7 @@ from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest
 from .responses import (ChoiceState, chat_logprobs, new_id, now, run_until_disconnect, sse, sse_body, sse_response,
                         usage)
-from .runner import Job, collect, merged, start
+from .runner import Job, check_context, collect, merged, start
 from .tools import ParsedReply, ToolStreamParser, forced_prefix, parse_reply, strip_end_markers, to_internlm2_messages
 
 
@@ -49,7 +49,11 @@ class ChatCompletion:
 
     def _jobs(self, prompt_ids: list[int]) -> list[Job]:
         session_len = int(self.engine.session_len)
-        max_new = self.req.requested_max_tokens() or max(1, session_len - len(prompt_ids))
+        requested = self.req.requested_max_tokens()
+        if requested is not None:
+            field = "max_completion_tokens" if self.req.max_completion_tokens is not None else "max_tokens"
+            check_context(len(prompt_ids), requested, session_len, field)
+        max_new = requested or max(1, session_len - len(prompt_ids))
         skip = False if self.tools else (True if self.req.skip_special_tokens is None else self.req.skip_special_tokens)
         return [Job(i, prompt_ids, self.req.generation_config(max_new, self.req.engine_logprobs(), skip, i))
                 for i in range(self.n)]

@@ -1,6 +1,7 @@
 """POST /v1/completions: raw prompts (strings or token ids, one or several), streaming and whole responses."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
@@ -11,7 +12,7 @@ from .metrics import ServerMetrics
 from .protocol import CompletionRequest
 from .responses import (ChoiceState, completion_logprobs, new_id, now, run_until_disconnect, sse, sse_body,
                         sse_response, usage)
-from .runner import Job, collect, merged, start
+from .runner import Job, check_context, collect, merged, start
 
 
 class Completion:
@@ -25,13 +26,19 @@ class Completion:
         self.prompts = req.prompts()
 
     def _jobs(self) -> list[Job]:
+        """The engine requests; string prompts are tokenised here (as the engine does) to check the context."""
         skip = True if self.req.skip_special_tokens is None else self.req.skip_special_tokens
+        tokenizer, max_tokens = self.engine.tokenizer, self.req.max_tokens or 16
         jobs = []
         for p, prompt in enumerate(self.prompts):
             if isinstance(prompt, list):
-                self.engine.tokenizer.check_ids(prompt, "prompt token id")
+                tokenizer.check_ids(prompt, "prompt token id")
+                prompt_len = len(prompt)
+            else:  # the engine tokenises it again (the prompt it gets stays the client's)
+                prompt_len = len(tokenizer.encode(prompt))
+            check_context(prompt_len, max_tokens, int(self.engine.session_len))
             for i in range(self.n):
-                cfg = self.req.generation_config(self.req.max_tokens or 16, self.req.logprobs, skip, i)
+                cfg = self.req.generation_config(max_tokens, self.req.logprobs, skip, i)
                 jobs.append(Job(p * self.n + i, prompt, cfg))
         return jobs
 
@@ -47,7 +54,7 @@ class Completion:
 
     async def respond(self, request: Request) -> Response:
         try:
-            jobs = self._jobs()
+            jobs = await asyncio.to_thread(self._jobs)
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt", code="invalid_value") from None
         streams = await start(self.engine, jobs, self.id, self.metrics, prompt_field="prompt")

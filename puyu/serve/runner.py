@@ -74,6 +74,16 @@ def engine_error(exc: BaseException, prompt_field: str = "messages") -> APIError
     return engine_failure(f"{type(exc).__name__}: {exc}")
 
 
+def check_context(prompt_len: int, max_tokens: int, session_len: int, field: str = "max_tokens") -> None:
+    """Prompt + requested completion must fit the context (as vLLM: a 400 naming both numbers, not a silent cut).
+    A prompt longer than the context alone is the engine's PromptTooLongError."""
+    if prompt_len <= session_len < prompt_len + max_tokens:
+        raise APIError(400, f"this model's context is {session_len} tokens, but {prompt_len + max_tokens} were "
+                            f"requested: {prompt_len} in the prompt and {max_tokens} for the completion ({field}); "
+                            f"lower {field} to at most {session_len - prompt_len}",
+                       param=field, code="context_length_exceeded")
+
+
 async def start(engine: Any, jobs: Sequence[Job], request_id: str, metrics: ServerMetrics,
                 prompt_field: str = "messages") -> list[ChoiceStream]:
     """Submit every job and wait for its first output; on any failure abort the others and raise APIError."""

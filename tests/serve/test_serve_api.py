@@ -159,8 +159,10 @@ def test_serve_errors_have_openai_shape_and_status(server, engine):
                  param="model")
     assert_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "temperature": -1}),
                  400, "temperature", param="temperature")
-    assert_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "logit_bias": {"1": 5},
-                                                            "functions": [{}]}), 400, "logit_bias", "functions")
+    assert_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "service_tier": "x",
+                                                            "functions": [{}]}), 400, "service_tier", "functions")
+    assert_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "logit_bias": {"1": 500}}),
+                 400, "100", param="logit_bias.1")
     assert_error(raw_post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3}), 400, "best_of")
     # found by fuzzing: a denormal penalty overflowed the logits inside the engine (a 500 for every running request)
     assert_error(raw_post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 5e-324}),
