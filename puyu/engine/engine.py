@@ -64,7 +64,11 @@ class AsyncEngine:
                 return
             finally:
                 ready.set()
-            self._run()
+            try:
+                self._run()
+            except BaseException as exc:  # a bug outside a step: say so to every waiting request, never hang them
+                log.exception("the engine thread died")
+                self._died(f"the engine thread died: {type(exc).__name__}: {exc}")
 
         self._thread = threading.Thread(target=run, name="puyu-engine", daemon=True)
         self._thread.start()
@@ -87,6 +91,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._submit("abort", request_id)
+
+    def is_alive(self) -> bool:
+        """True while the engine thread runs and takes requests (False after close() or a crash)."""
+        return self._thread.is_alive() and not self._closed
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the engine's counters (read without stopping the engine thread)."""
@@ -121,7 +129,8 @@ class AsyncEngine:
 
     def _register(self, request_id: str, ids: list[int], gen_config: GenerationConfig, sink: Sink) -> None:
         with self._cv:
-            if self._closed:  # checked again under the lock: a close() since _prepare would leave nobody to answer
+            # checked again under the lock: a close() (or a crash) since _prepare would leave nobody to answer
+            if self._closed or not self._thread.is_alive():
                 raise RuntimeError("the engine is closed")
             if request_id in self._sinks:
                 raise ValueError(f"request_id: {request_id!r} is already running")
@@ -191,6 +200,13 @@ class AsyncEngine:
             self._deliver(outs)
             if self.engine.has_work():
                 self._deliver(self._step())
+
+    def _died(self, error: str) -> None:
+        with self._cv:
+            self._closed = True
+            sinks, self._sinks, self._commands = self._sinks, {}, []
+        for request_id, sink in sinks.items():
+            sink(StreamOutput(finish_reason="error", error=error, request_id=request_id))
 
     def _apply(self, cmd: tuple[str, Any]) -> Optional[StreamOutput]:
         kind, payload = cmd

@@ -96,8 +96,12 @@ def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence
         return await answer(Completion, body, request)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "model": served}
+    async def health() -> JSONResponse:
+        """200 while the engine serves; 503 once its thread has stopped (a load balancer then takes us out)."""
+        alive = getattr(engine, "is_alive", None)
+        if alive is not None and not alive():
+            return JSONResponse({"status": "engine stopped", "model": served}, status_code=503)
+        return JSONResponse({"status": "ok", "model": served})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

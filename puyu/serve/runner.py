@@ -66,6 +66,8 @@ def engine_error(exc: BaseException, prompt_field: str = "messages") -> APIError
     """An exception raised while starting a request, as the answer to the client."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, RuntimeError) and str(exc) == "the engine is closed":
+        return APIError(503, "the engine has stopped; the server cannot take requests", code="engine_stopped")
     if isinstance(exc, ConfigError):
         return bad_request(str(exc), exc.field)
     if isinstance(exc, ValueError):  # PromptTooLongError is one: its message holds both lengths
