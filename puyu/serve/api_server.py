@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn) on top of any engine that follows the AsyncEngine contract.
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics.
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /tokenize, POST /detokenize,
+GET /health, GET /metrics.
 Every error is OpenAI's error JSON with the matching status; an exception inside one request answers that request
 with a 500 and leaves the server and the other requests running.
 """
@@ -22,6 +23,7 @@ from .middleware import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, APIKey
                          RequestGuardMiddleware)
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import ClientGone, now
+from .tokenize_api import add_routes as add_tokenize_routes
 
 log = logging.getLogger("puyu.serve")
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it, the log does
@@ -94,6 +96,8 @@ def create_app(engine: Any, model_name: Optional[str] = None, api_keys: Sequence
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await answer(Completion, body, request)
+
+    add_tokenize_routes(app, engine, check_model)
 
     @app.get("/health")
     async def health() -> JSONResponse:
