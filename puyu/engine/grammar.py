@@ -179,13 +179,15 @@ class JSONByteTables:
 
     def __init__(self, decoded_vocab: Sequence[bytes], special: set[int], vocab_size: int):
         plain = [(i, b) for i, b in enumerate(decoded_vocab) if i not in special and b]
+        # xgrammar sees some tokens as empty (the byte 00 of a byte-level vocabulary) and lets them in anywhere
+        empty = [i for i, b in enumerate(decoded_vocab) if i not in special and not b]
 
         def allowed_without(ids: list[int]) -> torch.Tensor:
             keep = torch.ones(vocab_size, dtype=torch.bool)
             keep[torch.tensor(ids, dtype=torch.int64)] = False
             return packed_mask(keep)
 
-        self.good = allowed_without([i for i, b in plain if _bad_bytes(b)])
+        self.good = allowed_without([i for i, b in plain if _bad_bytes(b)] + empty)
         self.ends_in_lead = {i: b[-1] for i, b in plain if b[-1] in _LEAD_FORBIDS}
         self.after_lead = {lead: self.good & allowed_without([i for i, b in plain if b[0] in cont])
                            for lead, cont in _LEAD_FORBIDS.items()}
@@ -228,12 +230,10 @@ def apply_guides(logits: torch.Tensor, guides: Sequence[Optional[GuideState]]) -
         return logits
     import xgrammar as xgr
 
-    bitmask = xgr.allocate_token_bitmask(len(rows), logits.shape[-1])
-    for k, i in enumerate(rows):
-        guides[i].fill(bitmask, k)  # type: ignore[union-attr]
+    # one row per batch row (xgrammar's `indices` pick rows of the logits and of the bitmask alike)
+    bitmask = xgr.allocate_token_bitmask(len(guides), logits.shape[-1])
+    for i in rows:
+        guides[i].fill(bitmask, i)  # type: ignore[union-attr]
     out = logits.clone()
-    if len(rows) == len(guides):
-        xgr.apply_token_bitmask_inplace(out, bitmask.to(out.device))
-        return out
-    xgr.apply_token_bitmask_inplace(out, bitmask.to(out.device), indices=rows)
+    xgr.apply_token_bitmask_inplace(out, bitmask.to(out.device), indices=None if len(rows) == len(guides) else rows)
     return out
