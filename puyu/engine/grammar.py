@@ -90,7 +90,8 @@ class Grammars:
         return self._compiler
 
     def compile(self, guide: Guide) -> Any:
-        """The compiled grammar of `guide` (cached); GuideError naming `guide.field` when it cannot compile."""
+        """The compiled grammar of `guide` (cached); GuideError naming `guide.field` when it cannot compile.
+        The lock guards the cache only: a long compile in an API thread never stalls the engine thread's hits."""
         key = (guide.kind, guide.spec)
         with self._lock:
             hit = self._cache.get(key)
@@ -98,14 +99,17 @@ class Grammars:
                 self._cache.move_to_end(key)
                 return hit
             compiler = self._get_compiler()
-            try:
-                compiled = _compile(compiler, guide)
-            except Exception as exc:  # xgrammar raises RuntimeError, InvalidJSONError, ValueError
-                raise GuideError(guide.field, f"cannot be compiled into a grammar: {_reason(exc)}") from None
+        try:
+            compiled = _compile(compiler, guide)
+        except Exception as exc:  # xgrammar raises RuntimeError, InvalidJSONError, ValueError
+            raise GuideError(guide.field, f"cannot be compiled into a grammar: {_reason(exc)}") from None
+        if not _admits_output(compiled):
+            raise GuideError(guide.field, "the grammar admits no output at all")
+        with self._lock:
             self._cache[key] = compiled
             if len(self._cache) > CACHE_ENTRIES:
                 self._cache.popitem(last=False)
-            return compiled
+        return compiled
 
     def matcher(self, guide: Guide, stop_ids: Sequence[int]) -> "GuideState":
         """A fresh matcher for one request; `stop_ids` are the ids that end it (allowed where the grammar accepts).
@@ -115,6 +119,16 @@ class Grammars:
         if guide.kind == "tool_call" and self.action_end_id is not None:
             stops.add(self.action_end_id)
         return GuideState(compiled, sorted(stops), self.json_tables if guide.kind in JSON_KINDS else None)
+
+
+def _admits_output(compiled: Any) -> bool:
+    """False for a grammar under which not even the first token can be chosen (e.g. `root ::= root`)."""
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    return bool(bitmask.any())
 
 
 def _compile(compiler: Any, guide: Guide) -> Any:

@@ -52,9 +52,12 @@ def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
 
 
 def mask_stop_ids(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
+    """Stop ids masked below min_new_tokens, unless a complete grammar leaves nothing else (the grammar wins)."""
     if len(req.output_ids) < req.gen_config.min_new_tokens and req.stop_ids:
-        logits = logits.clone()
-        logits[torch.tensor(list(req.stop_ids), dtype=torch.int64, device=logits.device)] = float("-inf")
+        masked = logits.clone()
+        masked[torch.tensor(list(req.stop_ids), dtype=torch.int64, device=logits.device)] = float("-inf")
+        if req.guide is None or torch.isfinite(masked).any():
+            return masked
     return logits
 
 

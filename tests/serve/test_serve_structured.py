@@ -114,6 +114,8 @@ def test_serve_guided_n_choices_each_conform(client):
     ({"guided_regex": "(unclosed"}, "guided_regex"),
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
+    ({"guided_grammar": "root ::= root"}, "guided_grammar"),  # compiles, but admits no output
+    ({"guided_json": {"type": "integer", "minimum": 5, "maximum": 1}}, "guided_json"),
 ])
 def test_serve_guide_that_cannot_compile_is_a_400(client, body, field):
     with pytest.raises(openai.BadRequestError) as info:
@@ -127,6 +129,12 @@ def test_serve_two_guides_are_a_400(client):
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, response_format={"type": "json_object"},
                                        extra_body={"guided_regex": "a+"})
     assert "cannot be combined" in info.value.body["message"]
+
+
+def test_serve_min_tokens_yields_to_a_complete_grammar(client):
+    r = client.completions.create(model=MODEL, prompt="x", max_tokens=10,
+                                  extra_body={"guided_choice": ["yes", "no"], "min_tokens": 8})
+    assert r.choices[0].text in ("yes", "no") and r.choices[0].finish_reason == "stop"
 
 
 def test_serve_server_survives_bad_guides(client):
