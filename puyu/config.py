@@ -121,6 +121,9 @@ class GenerationConfig:
     logit_bias: Optional[dict[int, float]] = None  # added to the logits of these ids before sampling
     include_stop_str_in_output: bool = False  # a matched stop word stays at the end of the text
     guide: Optional[Guide] = None  # constrained decoding (structured output, forced tool calls)
+    # logprobs of the prompt's tokens (each but the first, given those before it), with k alternatives; such a
+    # request skips the prefix cache (every prompt position must be computed)
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -150,6 +153,8 @@ class GenerationConfig:
               "stop_token_ids", "must be a list of non-negative integers")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
               "logprobs", "must be between 0 and 20")
+        check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+              "prompt_logprobs", "must be between 0 and 20")
         check(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         check(self.logit_bias is None or all(isinstance(k, int) and k >= 0 and isinstance(v, (int, float))
                                              and -100 <= v <= 100 for k, v in self.logit_bias.items()),

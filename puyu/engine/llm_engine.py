@@ -23,7 +23,7 @@ from .memory import cpu_threads, num_cache_blocks, resolve_device, resolve_dtype
 from .model import DecoderModel
 from .model_runner import ModelRunner
 from .outputs import StreamOutput, TextStream
-from .sampler import SampleRequest, SamplingFailed, make_generator, sample
+from .sampler import SampleRequest, SamplingFailed, make_generator, sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -168,6 +168,8 @@ class LLMEngine:
         if not scheduled:
             return self._unschedulable()
         logits = self.runner.run(scheduled)
+        for index, rows in self.runner.prompt_logits.items():
+            self._collect_prompt_logprobs(scheduled[index].seq, rows)
         for item in scheduled:
             item.seq.num_computed += item.num_tokens
             self.block_manager.register_full_blocks(item.seq)
@@ -185,6 +187,14 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    @staticmethod
+    def _collect_prompt_logprobs(seq: Sequence, rows: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens these logits predict (raw model distribution, like the output's)."""
+        k = seq.gen_config.prompt_logprobs or 0
+        first = len(seq.prompt_logprobs) + 1
+        for j, row in enumerate(rows):
+            seq.prompt_logprobs.append(token_logprobs(row, seq.prompt_ids[first + j], k))
 
     def _unschedulable(self) -> list[StreamOutput]:
         """Nothing fits although work is waiting (cannot happen with a consistent config): fail the head request."""
@@ -221,6 +231,8 @@ class LLMEngine:
 
     @staticmethod
     def _fill(out: StreamOutput, seq: Sequence) -> StreamOutput:
+        if seq.gen_config.prompt_logprobs is not None and len(seq.output_ids) <= 1:  # the request's first output
+            out.prompt_logprobs = list(seq.prompt_logprobs)
         out.request_id = seq.request_id
         out.input_token_len = len(seq.prompt_ids)
         out.generate_token_len = len(seq.output_ids)

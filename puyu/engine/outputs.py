@@ -19,6 +19,7 @@ class StreamOutput:
     logprobs: Optional[list[dict[int, float]]] = None
     error: Optional[str] = None
     request_id: str = ""
+    prompt_logprobs: Optional[list[dict[int, float]]] = None  # on the first output, when asked: prompt tokens 1..
 
 
 class _StopMatcher:

@@ -99,7 +99,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> Optional[ScheduledSeq]:
         """Move the first waiting sequence to running with its first chunk, or None if its blocks do not fit."""
-        cached = self.bm.match_prefix(seq)
+        cached = [] if seq.wants_prompt_logprobs else self.bm.match_prefix(seq)
         start = len(cached) * self.bm.block_size
         n = min(len(seq) - start, budget)
         revived = sum(1 for b in cached if self.bm.blocks[b].ref_count == 0)
