@@ -249,5 +249,18 @@ def apply_guides(logits: torch.Tensor, guides: Sequence[Optional[GuideState]]) -
     for i in rows:
         guides[i].fill(bitmask, i)  # type: ignore[union-attr]
     out = logits.clone()
-    xgr.apply_token_bitmask_inplace(out, bitmask.to(out.device), indices=None if len(rows) == len(guides) else rows)
+    if out.device.type == "cpu":
+        xgr.apply_token_bitmask_inplace(out, bitmask, indices=None if len(rows) == len(guides) else rows)
+        return out
+    # other devices: unpack the bits with torch ops (xgrammar's GPU kernels need a triton matching the torch build)
+    index = torch.tensor(rows, dtype=torch.int64, device=out.device)
+    allowed = unpack_mask(bitmask[rows].to(out.device), out.shape[-1])
+    out[index] = out[index].masked_fill(~allowed, float("-inf"))
     return out
+
+
+def unpack_mask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """xgrammar's int32 bitmask rows `[B, words]` -> bool `[B, vocab]` (bit j of word w: token 32w + j)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(1)[:, :vocab].bool()

@@ -62,10 +62,12 @@ def lmdeploy_generation_config(gen: GenerationConfig) -> Any:
     """Our per-request options as LMDeploy's `GenerationConfig`."""
     from lmdeploy.messages import GenerationConfig as LMDGenerationConfig
 
-    for name in ("guide", "logit_bias"):  # never accepted and then ignored
+    if gen.guide is not None:  # never accepted and then ignored
+        raise ConfigError(gen.guide.field, "constrained decoding (structured output, a forced tool call) is not "
+                                           "supported by the TurboMind backend; use the native engine")
+    for name in ("logit_bias", "prompt_logprobs"):
         if getattr(gen, name):
-            raise ConfigError(name, "not supported by the TurboMind backend (constrained decoding and logit_bias "
-                                    "need the native engine)")
+            raise ConfigError(name, "not supported by the TurboMind backend; use the native engine")
     return LMDGenerationConfig(
         n=1, max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens or None, do_sample=not gen.greedy,
         top_p=gen.top_p, top_k=gen.top_k, temperature=gen.temperature, repetition_penalty=gen.repetition_penalty,

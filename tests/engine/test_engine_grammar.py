@@ -117,3 +117,18 @@ def test_logit_bias_moves_greedy(pipe, prompts):
 def test_a_guide_that_cannot_compile_names_its_field(pipe):
     with pytest.raises(ValueError, match=r"^response_format\.json_schema\.schema: cannot be compiled"):
         pipe("x", GenerationConfig(guide=Guide("json_schema", '{"type": "frob"}', "response_format.json_schema.schema")))
+
+
+def test_unpacked_mask_matches_xgrammar_apply(pipe):
+    """The torch path (for logits on a GPU) masks exactly what xgrammar's CPU kernel masks."""
+    from puyu.engine.grammar import unpack_mask
+    import xgrammar as xgr
+
+    tok = pipe.engine.tokenizer
+    state = Grammars(tok).matcher(Guide("json_schema", json.dumps(SCHEMA)), tok.stop_token_ids)
+    bitmask = xgr.allocate_token_bitmask(1, tok.vocab_rows)
+    state.fill(bitmask, 0)
+    logits = torch.zeros(1, tok.vocab_rows)
+    xgr.apply_token_bitmask_inplace(logits, bitmask)
+    assert torch.equal(unpack_mask(bitmask, tok.vocab_rows), torch.isfinite(logits))
+    assert 0 < int(torch.isfinite(logits).sum()) < tok.vocab_rows
