@@ -101,7 +101,7 @@ def test_serve_parse_two_calls_and_invalid_json():
     assert two.tool_calls[0]["id"] != two.tool_calls[1]["id"]
     bad = parse_reply('Hmm<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {city}<|action_end|>')
     assert bad.tool_calls == [] and bad.finish_reason == "stop"
-    assert bad.content.startswith("Hmm<|action_start|>") and "not valid JSON" in bad.error
+    assert bad.content == 'Hmm\n{"name": "get_weather", "parameters": {city}' and "not valid JSON" in bad.error
     assert parse_reply("<|action_start|><|plugin|>\n[1, 2]").error == "tool call JSON has no 'name'"
     assert parse_reply("plain answer<|im_end|>").content == "plain answer"
 
