@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 
-from engine_helpers import greedy, make_prompts, reference_greedy
+from engine_helpers import greedy, make_prompts
 from puyu.config import GenerationConfig, Guide
 from puyu.convert.reference import load_reference_model
 from puyu.engine.grammar import Grammars, apply_guides
-from puyu.engine.sampler import SampleRequest, top_k_top_p
+from puyu.engine.sampler import top_k_top_p
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 8}, "b": {"enum": [1, 2, 3]},
                                            "c": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}},

@@ -168,3 +168,21 @@ def test_serve_json_schema_from_the_default_model(smollm_client):
         choice = reply.choices[0]
         assert choice.finish_reason == "stop", choice.message.content
         assert conforms(json.loads(choice.message.content), PERSON), choice.message.content
+
+
+def test_serve_forced_tool_call_from_the_default_model(smollm_client):
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                "unit": {"enum": ["celsius", "fahrenheit"]}},
+               "required": ["city", "unit"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+                                               "parameters": weather}}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice_ in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = smollm_client.chat.completions.create(model="smollm2", messages=ask, tools=tools,
+                                                      tool_choice=choice_, temperature=0, max_tokens=80)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice.message
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather"
+        assert conforms(json.loads(call.function.arguments), weather)
+        assert "<|" not in (choice.message.content or "")
