@@ -104,6 +104,22 @@ class EngineConfig:
         return cls(**options)
 
 
+GUIDE_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "tool_call")
+
+
+@dataclass(frozen=True)
+class Guide:
+    """Constrained decoding of one request: every sampled token keeps the output inside a grammar.
+
+    `kind`: json_object (any JSON object), json_schema (`spec` a JSON schema), regex, choice (`spec` a JSON list of
+    strings), grammar (EBNF), tool_call (`spec` JSON: {"functions": [{name, parameters}], "named": bool}, an InternLM2
+    action call body). `field`: the request field it came from, named in errors (a schema that cannot compile)."""
+
+    kind: str
+    spec: str = ""
+    field: str = "guide"
+
+
 @dataclass
 class GenerationConfig:
     """Sampling options of one request. `do_sample=False` (the default) is greedy decoding."""
@@ -125,6 +141,13 @@ class GenerationConfig:
     skip_special_tokens: bool = True
     logprobs: Optional[int] = None  # None: none; 0: the chosen token's; k: also the top-k alternatives
     cache_salt: Optional[str] = None  # prefix-cache namespace: cached blocks are shared only under the same salt
+    min_p: float = 0.0  # drop tokens whose probability is below min_p x the most likely one's (after temperature)
+    logit_bias: Optional[dict[int, float]] = None  # added to the logits of these ids before sampling
+    include_stop_str_in_output: bool = False  # a matched stop word stays at the end of the text
+    guide: Optional[Guide] = None  # constrained decoding (structured output, forced tool calls)
+    # logprobs of the prompt's tokens (each but the first, given those before it), with k alternatives; such a
+    # request skips the prefix cache (every prompt position must be computed)
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,6 +179,14 @@ class GenerationConfig:
               "logprobs", "must be between 0 and 20")
         check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt != ""),
               "cache_salt", "must be a non-empty string")
+        check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+              "prompt_logprobs", "must be between 0 and 20")
+        check(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(self.logit_bias is None or all(isinstance(k, int) and k >= 0 and isinstance(v, (int, float))
+                                             and -100 <= v <= 100 for k, v in self.logit_bias.items()),
+              "logit_bias", "must map token ids to numbers in [-100, 100]")
+        check(self.guide is None or (isinstance(self.guide, Guide) and self.guide.kind in GUIDE_KINDS),
+              "guide", f"must be a Guide of kind {', '.join(GUIDE_KINDS)}")
 
     @property
     def greedy(self) -> bool:

@@ -36,6 +36,7 @@ Large language models predict the next token. Attention, rotary embeddings, RMS 
 人工智能是计算机科学的一个分支。大语言模型可以回答问题、写代码、做数据分析。
 上海是中国的一个大城市。北京是中国的首都。请帮我分析这份数据，并画出图表。
 """
+CORPUS = _CORPUS  # the tokenizer's training text (also the vocabulary of the bench's remote-tokenizer prompts)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ def _register_serve(sub) -> None:
                                    "llama.cpp, transformers serve); nothing server-specific is sent.")
     p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:23333 (with or without /v1)")
     p.add_argument("--model", required=True, help="model name sent in requests")
-    p.add_argument("--tokenizer", default=None, help="local dir or model name for token counting (default: --model)")
+    p.add_argument("--tokenizer", default=None, help="local dir or model name for token counting (default: the "
+                                                      "server's /tokenize, else --model when it is on disk)")
     p.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
     p.add_argument("--api-key", default=None)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -46,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
                           ignore_eos=not args.no_ignore_eos, include_usage=not args.no_usage,
                           temperature=args.temperature, extra_body=parse_extra_body(args.extra_body))
     summaries = run_serve_bench(client, dataset_config(args), load_config(args), bench_options(args),
-                                args.tokenizer or args.model, argv=["puyu", *sys.argv[1:]],
+                                args.tokenizer, argv=["puyu", *sys.argv[1:]],
                                 fixed_output_len=args.output_len)
     return 0 if all(s["completed"] > 0 for s in summaries) else 1
 

@@ -4,7 +4,10 @@ Nothing here is specific to a server: it sends the OpenAI chat or completions re
 `stream_options.include_usage` (both switchable), and reads server-sent events. Tokens per chunk come from
 usage deltas when the server streams cumulative usage, else from tokenising the delta with the target's
 tokenizer; a request's output token count is the final `usage.completion_tokens` when present, else the
-tokenised length of the whole generated text.
+tokenised length of the whole generated text. A stream that finishes (finish_reason or usage) without any visible
+text is a success with an empty output, its TTFT at the first chunk with choices (as vLLM counts it); the summary
+reports such requests as `empty_outputs`. A request whose connection the server had already closed (a stale
+keep-alive connection: nothing was received) is sent again on a new connection, so failures are the server's.
 """
 from __future__ import annotations
 
@@ -85,11 +88,14 @@ class _StreamState:
         self.usage_cum: Optional[int] = None
         self.final_usage: Optional[dict[str, Any]] = None
         self.tokenised = False  # some chunk's count came from tokenising its delta
+        self.t_first_choices: Optional[float] = None  # the first event with choices, content or not
 
     def feed(self, event: dict[str, Any], t: float) -> None:
         if event.get("error"):
             raise RuntimeError(f"server error in stream: {json.dumps(event['error'])[:500]}")
         usage = event.get("usage") or None
+        if event.get("choices") and self.t_first_choices is None:
+            self.t_first_choices = t
         for choice in event.get("choices") or []:
             text = _content(choice)
             if choice.get("finish_reason"):
@@ -107,6 +113,8 @@ class _StreamState:
             if n >= 1:
                 return n
         self.tokenised = True
+        if getattr(self.tokenizer, "count_later", False):  # a server's tokenizer: shares of the final usage
+            return 1
         return max(1, count_tokens(self.tokenizer, text))
 
     def finish(self) -> None:
@@ -120,7 +128,9 @@ class _StreamState:
         else:
             r.output_tokens = count_tokens(self.tokenizer, r.generated_text)
         if not r.chunks:
-            raise RuntimeError("the stream ended without any content")
+            if self.t_first_choices is None or not (r.finish_reason or self.final_usage):
+                raise RuntimeError("the stream ended without any content or finish_reason")
+            r.chunks.append(Chunk(self.t_first_choices, r.output_tokens))  # an empty output, counted apart
         r.success = True
 
 
@@ -156,24 +166,43 @@ def _parse_sse_line(line: str) -> Optional[dict[str, Any]]:
     return json.loads(payload)
 
 
+# a pooled keep-alive connection the server had closed fails like this before any byte of the response
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectError)
+SEND_ATTEMPTS = 3
+
+
 async def send_request(http: httpx.AsyncClient, cfg: ClientConfig, sample: SampleRequest, record: RequestRecord,
                        tokenizer: Any) -> RequestRecord:
-    """Stream one request; fills t_send, chunks, t_end, token counts, status. Errors are kept, never raised."""
-    state = _StreamState(record, tokenizer)
+    """Stream one request; fills t_send, chunks, t_end, token counts, status. Errors are kept, never raised.
+    Sent again (t_send reset) when the connection failed before anything of the response arrived."""
     body = build_body(cfg, sample)
-    record.t_send = time.perf_counter()
-    try:
-        async with http.stream("POST", cfg.url, json=body) as resp:
-            if resp.status_code != 200:
-                detail = (await resp.aread()).decode("utf-8", "replace")[:500]
-                raise RuntimeError(f"HTTP {resp.status_code}: {detail}")
-            async for line in resp.aiter_lines():
-                event = _parse_sse_line(line)
-                if event is not None:
-                    state.feed(event, time.perf_counter())
-        state.finish()
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded with its message
-        record.success = False
-        record.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    for attempt in range(SEND_ATTEMPTS):
+        state = _StreamState(record, tokenizer)
+        record.t_send = time.perf_counter()
+        received = False
+        try:
+            async with http.stream("POST", cfg.url, json=body) as resp:
+                received = True
+                if resp.status_code != 200:
+                    detail = (await resp.aread()).decode("utf-8", "replace")[:500]
+                    raise RuntimeError(f"HTTP {resp.status_code}: {detail}")
+                async for line in resp.aiter_lines():
+                    event = _parse_sse_line(line)
+                    if event is not None:
+                        state.feed(event, time.perf_counter())
+            state.finish()
+            record.error = ""
+        except STALE_CONNECTION as exc:
+            if not received and attempt + 1 < SEND_ATTEMPTS:
+                continue
+            _failed(record, exc)
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded with its message
+            _failed(record, exc)
+        break
     record.t_end = time.perf_counter()
     return record
+
+
+def _failed(record: RequestRecord, exc: BaseException) -> None:
+    record.success = False
+    record.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

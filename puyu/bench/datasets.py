@@ -72,6 +72,8 @@ def length_bounds(length: int, ratio: float, mode: str) -> tuple[int, int]:
 def _normal_token_ids(tokenizer: Any) -> list[int]:
     """Non-special ids whose text re-encodes to themselves (no partial UTF-8 bytes), so random prompts converge."""
     key = id(tokenizer)
+    if key not in _VOCAB_CACHE and hasattr(tokenizer, "normal_token_ids"):  # a server's tokenizer (bench/tokenizer)
+        _VOCAB_CACHE[key] = tokenizer.normal_token_ids()
     if key not in _VOCAB_CACHE:
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         special.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})

@@ -140,6 +140,7 @@ def summarize(records: Sequence[RequestRecord], duration: float, t0: Optional[fl
         "duration": duration,
         "completed": len(ok),
         "failed": len(records) - len(ok),
+        "empty_outputs": sum(1 for r in ok if not r.generated_text),  # finished, but no visible text
         "total_input_tokens": total_in,
         "total_output_tokens": total_out,
         "request_throughput": len(ok) / duration,

@@ -72,6 +72,8 @@ def format_table(summary: dict[str, Any], title: str = "Serving Benchmark Result
 
     row("Successful requests:", summary["completed"])
     row("Failed requests:", summary["failed"])
+    if summary.get("empty_outputs"):
+        row("Successful requests with empty output:", summary["empty_outputs"])
     if summary.get("max_concurrency"):
         row("Maximum request concurrency:", summary["max_concurrency"])
     row("Benchmark duration (s):", summary["duration"])

@@ -13,7 +13,7 @@ from .load import LoadConfig
 from .records import RequestRecord
 from .points import BenchOptions, run_points
 from .runner import RunResult, measure
-from .tokenizer import load_tokenizer
+from .tokenizer import serve_tokenizer
 
 
 async def _serve_run(client: ClientConfig, samples: list[SampleRequest], load: LoadConfig, opts: BenchOptions,
@@ -27,12 +27,12 @@ async def _serve_run(client: ClientConfig, samples: list[SampleRequest], load: L
 
 
 def run_serve_bench(client: ClientConfig, dataset: DatasetConfig, load: LoadConfig, opts: BenchOptions,
-                    tokenizer_name: str, argv: Optional[list[str]] = None,
+                    tokenizer_name: Optional[str], argv: Optional[list[str]] = None,
                     fixed_output_len: Optional[int] = None, echo: Callable[[str], None] = print) -> list[dict]:
     client.validate()
     load.validate()
     opts.validate()
-    tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer, tokenizer_name = serve_tokenizer(tokenizer_name, client.base_url, client.model, client.api_key)
     samples = load_dataset(dataset, tokenizer, fixed_output_len)
     header = {"backend": f"openai-{client.endpoint}", "base_url": client.base_url, "model_id": client.model,
               "tokenizer_id": tokenizer_name, "num_prompts": len(samples), "dataset": dataset.name}

@@ -82,10 +82,14 @@ class BlockManager:
             prev = h
         return found
 
-    def try_admit(self, seq: Sequence, budget: int) -> Optional[int]:
+    def try_admit(self, seq: Sequence, budget: int, use_prefix_cache: bool = True) -> Optional[int]:
         """Admit a waiting `seq` with its cached prefix and blocks for its first chunk (at most `budget` tokens
-        beyond the prefix), or change nothing and return None when the blocks do not fit. Returns the chunk's size."""
-        cached = self.match_prefix(seq)
+        beyond the prefix), or change nothing and return None when the blocks do not fit. Returns the chunk's size.
+        `use_prefix_cache=False`: compute the whole prompt (its logits are wanted), its blocks still get registered."""
+        if use_prefix_cache:
+            cached = self.match_prefix(seq)
+        else:
+            cached, seq.block_hashes = [], []
         start = len(cached) * self.block_size
         n = min(len(seq) - start, budget)
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)

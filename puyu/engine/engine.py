@@ -65,7 +65,11 @@ class AsyncEngine:
                 return
             finally:
                 ready.set()
-            self._run()
+            try:
+                self._run()
+            except BaseException as exc:  # a bug outside a step: say so to every waiting request, never hang them
+                log.exception("the engine thread died")
+                self._died(f"the engine thread died: {type(exc).__name__}: {exc}")
 
         self._thread = threading.Thread(target=run, name="puyu-engine", daemon=True)
         self._thread.start()
@@ -88,6 +92,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._submit("abort", request_id)
+
+    def is_alive(self) -> bool:
+        """True while the engine thread runs and takes requests (False after close() or a crash)."""
+        return self._thread.is_alive() and not self._closed
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the engine's counters (read without stopping the engine thread)."""
@@ -118,13 +126,14 @@ class AsyncEngine:
         if not isinstance(gen_config, GenerationConfig):
             raise ValueError(f"gen_config: must be a GenerationConfig, got {type(gen_config).__name__}")
         gen_config.validate()
-        self.tokenizer.check_ids(gen_config.stop_token_ids or [], "stop_token_ids: id")
+        self.engine.check_request(gen_config)
         ids = self.engine.prepare_request(prompt)
         return ids, gen_config, request_id or uuid.uuid4().hex
 
     def _register(self, request_id: str, ids: tuple[list[int], list], gen_config: GenerationConfig, sink: Sink) -> None:
         with self._cv:
-            if self._closed:  # checked again under the lock: a close() since _prepare would leave nobody to answer
+            # checked again under the lock: a close() (or a crash) since _prepare would leave nobody to answer
+            if self._closed or not self._thread.is_alive():
                 raise RuntimeError("the engine is closed")
             if request_id in self._sinks:
                 raise ValueError(f"request_id: {request_id!r} is already running")
@@ -195,6 +204,13 @@ class AsyncEngine:
             self._deliver(outs)
             if self.engine.has_work():
                 self._deliver(self._step())
+
+    def _died(self, error: str) -> None:
+        with self._cv:
+            self._closed = True
+            sinks, self._sinks, self._commands = self._sinks, {}, []
+        for request_id, sink in sinks.items():
+            sink(StreamOutput(finish_reason="error", error=error, request_id=request_id))
 
     def _apply(self, cmd: tuple[str, Any]) -> Optional[StreamOutput]:
         kind, payload = cmd

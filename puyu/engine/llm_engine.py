@@ -18,12 +18,13 @@ from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .client import Prompt
 from .errors import PromptTooLongError
+from .grammar import Grammars, GuideState
 from .kv_cache import KVCacheStorage
 from .memory import cpu_threads, num_cache_blocks, resolve_device, resolve_dtype
 from .model import DecoderModel
 from .model_runner import ModelRunner
 from .outputs import StreamOutput, TextStream
-from .sampler import SampleRequest, SamplingFailed, make_generator, sample
+from .sampler import SampleRequest, SamplingFailed, make_generator, sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import ImageSpan, Sequence, TokenUpdate
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 class _Request:
     seq: Sequence
     text: TextStream
+    guide: Optional[GuideState] = None
 
 
 def resolve_checkpoint(model_path: Union[str, Path, None]) -> Path:
@@ -82,6 +84,7 @@ class LLMEngine:
         self.model = DecoderModel(self.spec, weights, self.device, config.kernels)
         self.tokenizer = Tokenizer(self.model_path, self.spec.vocab_size, self.spec.eos_token_ids, self.spec.arch)
         self.vision = self._load_vision()
+        self.grammars = Grammars(self.tokenizer)
         self._init_cache()
         self.requests: dict[str, _Request] = {}
         self.tokens_generated = 0
@@ -175,16 +178,26 @@ class LLMEngine:
         if len(prompt_ids) > self.session_len:
             raise PromptTooLongError(len(prompt_ids), self.session_len)
         gen_config.validate()
-        self.tokenizer.check_ids(gen_config.stop_token_ids or [], "stop_token_ids: id")
+        self.check_request(gen_config)
         stop = set(gen_config.stop_token_ids or ())
         if not gen_config.ignore_eos:
             stop |= set(self.tokenizer.stop_token_ids)
         seq = Sequence(request_id, list(prompt_ids), gen_config,
                        generator=None if gen_config.greedy else make_generator(gen_config.random_seed),
                        stop_ids=frozenset(stop), images=self._encode_images(images) if images else [])
-        text = TextStream(self.tokenizer, gen_config.skip_special_tokens, gen_config.stop_words)
-        self.requests[request_id] = _Request(seq, text)
+        text = TextStream(self.tokenizer, gen_config.skip_special_tokens, gen_config.stop_words,
+                          gen_config.include_stop_str_in_output)
+        guide = None if gen_config.guide is None else self.grammars.matcher(gen_config.guide, sorted(stop))
+        self.requests[request_id] = _Request(seq, text, guide)
         self.scheduler.add(seq)
+
+    def check_request(self, gen_config: GenerationConfig) -> None:
+        """The options that depend on the checkpoint: token ids in range, a guide that compiles (ValueErrors naming
+        the field)."""
+        self.tokenizer.check_ids(gen_config.stop_token_ids or [], "stop_token_ids: id")
+        self.tokenizer.check_ids(list(gen_config.logit_bias or {}), "logit_bias: token id")
+        if gen_config.guide is not None:
+            self.grammars.compile(gen_config.guide)
 
     def abort(self, request_id: str, reason: str = "abort", error: Optional[str] = None) -> Optional[StreamOutput]:
         req = self.requests.pop(request_id, None)
@@ -207,17 +220,35 @@ class LLMEngine:
         if not scheduled:
             return self._unschedulable()
         logits = self.runner.run(scheduled)
+        for index, rows in self.runner.prompt_logits.items():
+            self._collect_prompt_logprobs(scheduled[index].seq, rows)
         done = [item.seq for item in scheduled if item.completes]
+        reqs = [self.requests[s.request_id] for s in done]
         tokens, logprobs = sample(logits, [SampleRequest(s.gen_config, s.prompt_ids, s.output_ids, sorted(s.stop_ids),
-                                                         s.generator) for s in done])
-        sampled = {s.request_id: t for s, t in zip(done, tokens) if not isinstance(t, SamplingFailed)}
+                                                         s.generator, r.guide) for s, r in zip(done, reqs)])
+        sampled, failed = {}, {}
+        for seq, req, token in zip(done, reqs, tokens):
+            if isinstance(token, SamplingFailed):
+                failed[seq.request_id] = str(token)
+            elif req.guide is not None and not req.guide.accept(token):
+                failed[seq.request_id] = f"token {token} is not allowed by the request's grammar"
+            else:
+                sampled[seq.request_id] = token
         token_logprobs = {s.request_id: lp for s, lp in zip(done, logprobs)}
         outputs = [self._output(u, token_logprobs[u.seq.request_id])
                    for u in self.scheduler.update_from_output(scheduled, sampled)]
-        for seq, token in zip(done, tokens):
-            if isinstance(token, SamplingFailed) and (out := self.abort(seq.request_id, "error", str(token))):
+        for request_id, error in failed.items():
+            if (out := self.abort(request_id, "error", error)) is not None:
                 outputs.append(out)
         return outputs
+
+    @staticmethod
+    def _collect_prompt_logprobs(seq: Sequence, rows: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens these logits predict (raw model distribution, like the output's)."""
+        k = seq.gen_config.prompt_logprobs or 0
+        first = len(seq.prompt_logprobs) + 1
+        for j, row in enumerate(rows):
+            seq.prompt_logprobs.append(token_logprobs(row, seq.prompt_ids[first + j], k))
 
     def _unschedulable(self) -> list[StreamOutput]:
         """Nothing fits although work is waiting (cannot happen with a consistent config): fail the head request."""
@@ -230,7 +261,7 @@ class LLMEngine:
 
     def _output(self, update: TokenUpdate, logprobs: Optional[dict[int, float]]) -> StreamOutput:
         """The stream output of one token the scheduler took (or a stop token that ended the sequence); stop
-        strings are found here, in the text."""
+        strings (in the text) and a completed grammar end the request here."""
         seq = update.seq
         req = self.requests[seq.request_id]
         out = StreamOutput()
@@ -239,17 +270,20 @@ class LLMEngine:
             out = StreamOutput(text=req.text.add([update.token]), token_ids=[update.token],
                                logprobs=None if logprobs is None else [logprobs])
         reason = update.finish_reason
-        if reason is None and req.text.stopped:
-            reason = "stop"
-            self.scheduler.finish(seq, reason)
+        if reason != "stop" and (req.text.stopped or (req.guide is not None and req.guide.finished)):
+            if reason is None:
+                self.scheduler.finish(seq, "stop")
+            reason = seq.finish_reason = "stop"
         if reason is not None:
-            out.text += req.text.finish()
+            out.text += req.text.finish(cut=reason == "length")
             out.finish_reason = reason
             self.requests.pop(seq.request_id, None)
         return self._fill(out, seq)
 
     @staticmethod
     def _fill(out: StreamOutput, seq: Sequence) -> StreamOutput:
+        if seq.gen_config.prompt_logprobs is not None and len(seq.output_ids) <= 1:  # the request's first output
+            out.prompt_logprobs = list(seq.prompt_logprobs)
         out.request_id = seq.request_id
         out.input_token_len = len(seq.prompt_ids)
         out.generate_token_len = len(seq.output_ids)

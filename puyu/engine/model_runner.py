@@ -18,12 +18,15 @@ class ModelRunner:
         self.cache = cache
         self.block_size = cache.block_size
         self.device = model.device
+        self.prompt_logits: dict[int, torch.Tensor] = {}
 
     def _tensor(self, xs: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.int64, device=self.device)
 
     def run(self, step: list[ScheduledSeq]) -> torch.Tensor:
         """float32 logits `[S, vocab]`, one row per scheduled sequence whose chunk completes it, in step order.
+        For sequences that want prompt logprobs, `self.prompt_logits` is then {index in step: logits `[k, vocab]` of
+        their chunk's prompt positions} (position p predicts prompt token p + 1); empty otherwise.
 
         The per-token bookkeeping is built in plain Python lists and turned into one tensor each (a step over many
         sequences would otherwise create many tiny tensors, and on cuda each would be its own copy).
@@ -36,10 +39,11 @@ class ModelRunner:
         decode_rows: list[int] = []
         decode_items: list[ScheduledSeq] = []
         logit_rows: list[int] = []
+        prompt_rows: list[tuple[int, int, int]] = []  # (step index, first row, count)
         seq_lens: list[tuple[int, int]] = []
         image_rows: list[int] = []
         image_embeds: list[torch.Tensor] = []
-        for item in step:
+        for index, item in enumerate(step):
             seq, start, n = item.seq, item.start, item.num_tokens
             row = len(ids)
             ids.extend(seq.token_at(start, start + n))
@@ -61,16 +65,27 @@ class ModelRunner:
                 prefills.append(PrefillChunk(row, n, start, ctx))
             if item.completes:
                 logit_rows.append(row + n - 1)
+            if seq.wants_prompt_logprobs:
+                first = len(seq.prompt_logprobs)  # positions [first, end) predict prompt tokens first+1..end
+                end = min(start + n, len(seq.prompt_ids) - 1)
+                if end > first >= start:
+                    prompt_rows.append((index, row + first - start, end - first))
+        extra = [r for _, first, count in prompt_rows for r in range(first, first + count)]
         batch = AttentionBatch(write_slots=self._tensor(write_slots), prefills=prefills)
         batch.groups = [self._fresh_group(rows, n, write_slots) for n, rows in fresh.items()]
         if decode_items:
             batch.decode = self._decode_batch(decode_items, decode_rows)
-        extra = None
+        inputs = None
         if image_rows:  # image features replace the placeholder embeddings; Partial LoRA applies on those rows
             rows = self._tensor(image_rows)
-            extra = StepInputs(embed_rows=rows, embeds=torch.cat(image_embeds), lora_rows={"plora": rows})
-        return self.model.forward(self._tensor(ids), self._tensor(positions), batch, self.cache,
-                                  self._tensor(logit_rows), seq_lens, extra)
+            inputs = StepInputs(embed_rows=rows, embeds=torch.cat(image_embeds), lora_rows={"plora": rows})
+        logits = self.model.forward(self._tensor(ids), self._tensor(positions), batch, self.cache,
+                                    self._tensor(logit_rows + extra), seq_lens, inputs)
+        self.prompt_logits, at = {}, len(logit_rows)
+        for index, _, count in prompt_rows:
+            self.prompt_logits[index] = logits[at:at + count]
+            at += count
+        return logits[:len(logit_rows)] if prompt_rows else logits
 
     def _fresh_group(self, rows: list[int], q_len: int, write_slots: list[int]) -> PrefillGroup:
         """Fresh prompts attend only over themselves: their context slots are the slots they write."""

@@ -19,6 +19,7 @@ class StreamOutput:
     logprobs: Optional[list[dict[int, float]]] = None
     error: Optional[str] = None
     request_id: str = ""
+    prompt_logprobs: Optional[list[dict[int, float]]] = None  # on the first output, when asked: prompt tokens 1..
 
 
 class _StopMatcher:
@@ -58,7 +59,9 @@ class TextStream:
     The stop check is linear in the generated text: each stop word keeps a KMP state, and only the new characters are
     looked at (the held-back text is the longest partial match, at most the longest stop word less one)."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool, stop_words: Optional[list[str]]):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool, stop_words: Optional[list[str]],
+                 include_stop: bool = False):
+        self.include_stop = include_stop  # the matched stop word ends the text instead of being dropped
         self.detok: IncrementalDetokenizer = tokenizer.detokenizer(skip_special_tokens)
         self.stop_words = [w for w in (stop_words or []) if w]
         self._matchers = [_StopMatcher(w) for w in self.stop_words]
@@ -70,11 +73,15 @@ class TextStream:
         """Text completed by `ids`; sets `stopped` when a stop word appears (the word and the rest are dropped)."""
         return self._filter(self.detok.add(ids))
 
-    def finish(self) -> str:
-        """Remaining text at the end of the stream."""
+    def finish(self, cut: bool = False) -> str:
+        """Remaining text at the end of the stream. `cut` (the reply ran out of tokens): an incomplete UTF-8
+        character at the very end is dropped instead of being sent as U+FFFD."""
         if self.stopped:
             return ""
-        text = self._filter(self.detok.flush())
+        tail = self.detok.flush()
+        if cut:
+            tail = tail.rstrip("\ufffd")
+        text = self._filter(tail)
         if self.stopped:
             return text
         text, self.held = text + self.held, ""
@@ -91,15 +98,16 @@ class TextStream:
         for i, ch in enumerate(delta):
             if not active and ch not in firsts:
                 continue  # every state is 0 and stays 0
-            cut = -1
+            cut, end = -1, -1
             for m in matchers:
                 if m.feed(ch):
                     start = base + i + 1 - len(m.word)
-                    cut = start if cut < 0 else min(cut, start)
+                    if cut < 0 or start < cut:
+                        cut, end = start, base + i + 1
             if cut >= 0:
                 self.stopped = True
                 self.held = ""
-                return buf[:cut]
+                return buf[:end] if self.include_stop else buf[:cut]
             active = any(m.state for m in matchers)
         keep = max(m.state for m in matchers)
         self.held = buf[len(buf) - keep:] if keep else ""

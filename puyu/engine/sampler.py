@@ -1,10 +1,10 @@
 """Sampler: the next token of each sequence from its logits and its GenerationConfig.
 
-Order per row: repetition penalty (over prompt and output, as transformers: divide positive logits, multiply negative
+Order per row: the grammar's token bitmask (constrained decoding, see grammar.py), logit_bias, repetition penalty (over prompt and output, as transformers: divide positive logits, multiply negative
 ones), presence/frequency penalties (over the output, as OpenAI), the stop ids masked while `min_new_tokens` is not
-reached, then greedy argmax, or temperature -> top-k -> top-p -> a draw from the request's own generator (so a seed
+reached, then greedy argmax, or temperature -> top-k -> top-p -> min-p -> a draw from the request's own generator (so a seed
 gives the same tokens whatever else is in the batch). Logprobs come from the model's distribution (log-softmax of the
-raw logits, before penalties and temperature), the chosen token first, then the top-k alternatives.
+raw logits, before the grammar, penalties and temperature), the chosen token first, then the top-k alternatives.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Optional, Sequence as Seq
 import torch
 
 from ..config import GenerationConfig
+from .grammar import GuideState, apply_guides
 
 
 @dataclass
@@ -26,10 +27,15 @@ class SampleRequest:
     output_ids: Seq[int]
     stop_ids: Seq[int]  # ids that end the sequence (masked before min_new_tokens)
     generator: Optional[torch.Generator]
+    guide: Optional[GuideState] = None  # the grammar matcher of a constrained request
 
 
 def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     g = req.gen_config
+    if g.logit_bias:
+        ids = torch.tensor(list(g.logit_bias), dtype=torch.int64, device=logits.device)
+        bias = torch.tensor(list(g.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits = logits.index_add(0, ids, bias)
     if g.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(req.prompt_ids) | set(req.output_ids)), dtype=torch.int64,
                             device=logits.device)
@@ -46,14 +52,18 @@ def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
 
 
 def mask_stop_ids(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
+    """Stop ids masked below min_new_tokens, unless a complete grammar leaves nothing else (the grammar wins)."""
     if len(req.output_ids) < req.gen_config.min_new_tokens and req.stop_ids:
-        logits = logits.clone()
-        logits[torch.tensor(list(req.stop_ids), dtype=torch.int64, device=logits.device)] = float("-inf")
+        masked = logits.clone()
+        masked[torch.tensor(list(req.stop_ids), dtype=torch.int64, device=logits.device)] = float("-inf")
+        if req.guide is None or torch.isfinite(masked).any():
+            return masked
     return logits
 
 
-def top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Logits with everything outside the top-k and the top-p nucleus set to -inf (at least one token stays)."""
+def top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Logits with everything outside the top-k, the top-p nucleus and the min-p floor set to -inf (at least one
+    token stays: the most likely one passes every cut)."""
     if top_k and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -64,6 +74,9 @@ def top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         drop = cum_before >= top_p
         drop[0] = False
         logits = logits.index_put((order[drop],), torch.tensor(float("-inf"), device=logits.device))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
     return logits
 
 
@@ -72,7 +85,7 @@ def choose(logits: torch.Tensor, req: SampleRequest) -> int:
     if g.greedy:
         return int(torch.argmax(logits))
     logits = logits / float(g.temperature)
-    logits = top_k_top_p(logits, g.top_k, g.top_p)
+    logits = top_k_top_p(logits, g.top_k, g.top_p, g.min_p)
     probs = logits.softmax(-1).cpu()  # draws on cpu: the request's generator lives there
     return int(torch.multinomial(probs, 1, generator=req.generator))
 
@@ -100,12 +113,13 @@ def sample(logits: torch.Tensor,
     """
     tokens: list[int | SamplingFailed] = []
     logprobs: list[Optional[dict[int, float]]] = []
+    guided = apply_guides(logits, [r.guide for r in requests])
     plain = all(r.gen_config.greedy and _no_adjustments(r) for r in requests)
     if plain:  # the common greedy case in one call
-        tokens = torch.argmax(logits, dim=-1).tolist()
+        tokens = torch.argmax(guided, dim=-1).tolist()
     for row, req in enumerate(requests):
         if not plain:
-            tokens.append(_choose_or_fail(mask_stop_ids(apply_penalties(logits[row], req), req), req))
+            tokens.append(_choose_or_fail(mask_stop_ids(apply_penalties(guided[row], req), req), req))
         k, token = req.gen_config.logprobs, tokens[row]
         logprobs.append(token_logprobs(logits[row], token, k) if not isinstance(token, SamplingFailed) and k is not None
                         else None)
@@ -123,7 +137,7 @@ def _choose_or_fail(logits: torch.Tensor, req: SampleRequest) -> int | SamplingF
 
 def _no_adjustments(req: SampleRequest) -> bool:
     g = req.gen_config
-    return (g.repetition_penalty == 1.0 and not g.presence_penalty and not g.frequency_penalty
+    return (g.repetition_penalty == 1.0 and not g.logit_bias and not g.presence_penalty and not g.frequency_penalty
             and len(req.output_ids) >= g.min_new_tokens)
 
 

@@ -98,7 +98,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> Optional[ScheduledSeq]:
         """Move the first waiting sequence to running with its first chunk, or None if its blocks do not fit."""
-        n = self.bm.try_admit(seq, budget)
+        n = self.bm.try_admit(seq, budget, use_prefix_cache=not seq.wants_prompt_logprobs)
         if n is None:
             return None
         seq.status = Status.RUNNING

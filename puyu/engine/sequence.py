@@ -53,6 +53,12 @@ class Sequence:
     finish_reason: Optional[str] = None
     preemptions: int = 0
     images: list[ImageSpan] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # for prompt tokens 1.. (when asked)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Asked for, and not all collected yet (a recomputed prompt after preemption is not collected twice)."""
+        return self.gen_config.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn) on top of any engine that follows the AsyncEngine contract.
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics.
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /tokenize, POST /detokenize,
+GET /health, GET /metrics.
 Every error is OpenAI's error JSON with the matching status; an exception inside one request answers that request
 with a 500 and leaves the server and the other requests running.
 """
@@ -26,6 +27,7 @@ from .middleware import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, APIKey
                          RequestGuardMiddleware)
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import ClientGone, now
+from .tokenize_api import add_routes as add_tokenize_routes
 
 log = logging.getLogger("puyu.serve")
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it, the log does
@@ -103,9 +105,15 @@ def create_app(engine: EngineClient, model_name: Optional[str] = None, api_keys:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await answer(Completion, body, request)
 
+    add_tokenize_routes(app, engine, check_model)
+
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "model": served}
+    async def health() -> JSONResponse:
+        """200 while the engine serves; 503 once its thread has stopped (a load balancer then takes us out)."""
+        alive = getattr(engine, "is_alive", None)
+        if alive is not None and not alive():
+            return JSONResponse({"status": "engine stopped", "model": served}, status_code=503)
+        return JSONResponse({"status": "ok", "model": served})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

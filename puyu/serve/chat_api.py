@@ -17,7 +17,7 @@ from .protocol import ChatCompletionRequest, ImagePart
 from .responses import (ChoiceState, chat_logprobs, new_id, now, run_until_disconnect, sse, sse_body, sse_response,
                         usage)
 from ..engine.client import EngineClient
-from .runner import Job, cache_salt, collect, merged, start
+from .runner import Job, cache_salt, check_context, collect, merged, start
 from .tools import ParsedReply, ToolStreamParser, forced_prefix, parse_reply, strip_end_markers, to_internlm2_messages
 
 
@@ -79,7 +79,11 @@ class ChatCompletion:
         without max_tokens such a reply runs to the end of the session)."""
         session_len = int(self.engine.session_len)
         prompt_len = len(prompt) if prompt and isinstance(prompt[0], int) else 0
-        max_new = self.req.requested_max_tokens() or max(1, session_len - prompt_len)
+        requested = self.req.requested_max_tokens()
+        if requested is not None and prompt_len:
+            field = "max_completion_tokens" if self.req.max_completion_tokens is not None else "max_tokens"
+            check_context(prompt_len, requested, session_len, field)
+        max_new = requested or max(1, session_len - prompt_len)
         skip = False if self.tools else (True if self.req.skip_special_tokens is None else self.req.skip_special_tokens)
         return [Job(i, prompt, self.req.generation_config(max_new, self.req.engine_logprobs(), skip, i))
                 for i in range(self.n)]

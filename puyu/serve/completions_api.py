@@ -1,6 +1,7 @@
 """POST /v1/completions: raw prompts (strings or token ids, one or several), streaming and whole responses."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
@@ -9,10 +10,10 @@ from fastapi.responses import JSONResponse, Response
 from .errors import APIError, engine_failure
 from .metrics import ServerMetrics
 from .protocol import CompletionRequest
-from .responses import (ChoiceState, completion_logprobs, new_id, now, run_until_disconnect, sse, sse_body,
-                        sse_response, usage)
+from .responses import (ChoiceState, completion_logprobs, echo_logprobs, new_id, now, run_until_disconnect, sse,
+                        sse_body, sse_response, usage)
 from ..engine.client import EngineClient
-from .runner import Job, cache_salt, collect, merged, start
+from .runner import Job, cache_salt, check_context, collect, merged, start
 
 
 class Completion:
@@ -24,15 +25,26 @@ class Completion:
         self.created = now()
         self.n = req.n or 1
         self.prompts = req.prompts()
+        self.prompt_ids: list[list[int]] = []  # as the engine tokenises them (for the context check and echo)
+        # echo + logprobs: the prompt's tokens get logprobs too (lm-eval's loglikelihood requests)
+        self.prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
 
     def _jobs(self) -> list[Job]:
+        """The engine requests; string prompts are tokenised here (as the engine does) to check the context."""
         skip = True if self.req.skip_special_tokens is None else self.req.skip_special_tokens
+        tokenizer, max_tokens = self.engine.tokenizer, self.req.max_tokens or 16
         jobs = []
         for p, prompt in enumerate(self.prompts):
             if isinstance(prompt, list):
-                self.engine.tokenizer.check_ids(prompt, "prompt token id")
+                tokenizer.check_ids(prompt, "prompt token id")
+                ids = list(prompt)
+            else:  # the engine tokenises it again (the prompt it gets stays the client's)
+                ids = tokenizer.encode(prompt)
+            self.prompt_ids.append(ids)
+            check_context(len(ids), max_tokens, int(self.engine.session_len))
             for i in range(self.n):
-                cfg = self.req.generation_config(self.req.max_tokens or 16, self.req.logprobs, skip, i)
+                cfg = self.req.generation_config(max_tokens, self.req.logprobs, skip, i)
+                cfg.prompt_logprobs = self.prompt_logprobs
                 jobs.append(Job(p * self.n + i, prompt, cfg))
         return jobs
 
@@ -48,7 +60,7 @@ class Completion:
 
     async def respond(self, request: Request) -> Response:
         try:
-            jobs = self._jobs()
+            jobs = await asyncio.to_thread(self._jobs)
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt", code="invalid_value") from None
         streams = await start(self.engine, jobs, self.id, self.metrics, prompt_field="prompt",
@@ -57,10 +69,16 @@ class Completion:
             return sse_response(self._stream(streams))
         return await run_until_disconnect(request, self._whole(streams), self.metrics)
 
-    def _logprobs(self, state: ChoiceState, ids: list[int], lps: list, offset: int) -> Optional[dict[str, Any]]:
+    def _logprobs(self, state: ChoiceState, ids: list[int], lps: list, offset: int,
+                  prompt: Optional[int] = None) -> Optional[dict[str, Any]]:
+        """`prompt` (its number): its tokens first (echo), from the engine's prompt logprobs."""
         if self.req.logprobs is None:
             return None
-        return completion_logprobs(self.engine.tokenizer, ids, lps, self.req.logprobs, offset)
+        generated = completion_logprobs(self.engine.tokenizer, ids, lps, self.req.logprobs, offset)
+        if prompt is None or self.prompt_logprobs is None or state.prompt_logprobs is None:
+            return generated
+        return echo_logprobs(self.engine.tokenizer, self.prompt_ids[prompt], state.prompt_logprobs,
+                             self.req.logprobs, generated)
 
     async def _whole(self, streams: list) -> JSONResponse:
         states = await collect(streams)
@@ -68,7 +86,8 @@ class Completion:
         for index, state in sorted(states.items()):
             echo = self._echo(index)
             choices.append({"index": index, "text": echo + state.full_text, "finish_reason": state.finish_reason,
-                            "logprobs": self._logprobs(state, state.token_ids, state.logprobs, len(echo))})
+                            "logprobs": self._logprobs(state, state.token_ids, state.logprobs, len(echo),
+                                                       index // self.n)})
         completion_tokens = sum(s.completion_tokens for s in states.values())
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(self._prompt_tokens(states), completion_tokens)}
@@ -98,11 +117,17 @@ class Completion:
 
     async def _events(self, streams: list, states: dict[int, ChoiceState]) -> AsyncIterator[str]:
         offsets = {index: 0 for index in states}
+        firsts = {s.index: s.first for s in streams}  # primed: the first output (prompt logprobs) is already here
         for index in states:
             echo = self._echo(index)
             if echo:
                 offsets[index] = len(echo)
-                yield self._chunk(index, echo)
+                lps = None
+                first = firsts.get(index)
+                if self.prompt_logprobs is not None and getattr(first, "prompt_logprobs", None) is not None:
+                    lps = echo_logprobs(self.engine.tokenizer, self.prompt_ids[index // self.n],
+                                        first.prompt_logprobs, self.req.logprobs or 0, None)
+                yield self._chunk(index, echo, logprobs=lps)
         async for index, out in merged(streams):
             state = states[index]
             state.add(out)

@@ -89,7 +89,8 @@ class APIKeyMiddleware:
 class RequestCountMiddleware:
     """Counts answered API requests by endpoint and status code."""
 
-    ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+    ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+                 "/metrics")
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics):
         self.app = app

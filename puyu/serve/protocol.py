@@ -4,7 +4,8 @@ Every request model is strict (no coercion: `"10"` is not an integer, `"yes"` no
 forbids unknown fields, so a typo or a field we do not implement is a 400 that names it instead of
 being silently ignored. OpenAI fields we know but cannot honour are declared (so the schema documents them) and are
 rejected when they carry a value; `null` asks for nothing and is accepted. LMDeploy's extra sampling fields are
-accepted because the native engine honours them.
+accepted because the native engine honours them, and so are vLLM's (`min_tokens`, `min_p`, `stop_token_ids`,
+`include_stop_str_in_output`, `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import SkipJsonSchema
 
 from ..config import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, REPETITION_PENALTY_RANGE, GenerationConfig,
-                      default_repetition_penalty)
+                      Guide, default_repetition_penalty)
 
 MAX_N = 16
 MAX_STOP = 16
@@ -182,9 +183,33 @@ class ToolMessage(_Message):
 ChatMessage = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
 
 
+class JSONSchemaFormat(_Strict):
+    name: str = Field(default="response", max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[dict[str, Any]] = None
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type 'json_schema' needs 'json_schema': {'name': ..., 'schema': {...}}")
+        return self
+
+    def guide(self) -> Optional[Guide]:
+        if self.type == "json_object":
+            return Guide("json_object", "", "response_format")
+        if self.type == "json_schema":
+            assert self.json_schema is not None and self.json_schema.schema_ is not None
+            return Guide("json_schema", json.dumps(self.json_schema.schema_, ensure_ascii=False),
+                         "response_format.json_schema.schema")
+        return None
 
 
 class _Sampling(_Strict):
@@ -210,11 +235,22 @@ class _Sampling(_Strict):
     skip_special_tokens: Optional[bool] = None
     min_new_tokens: Optional[int] = Field(default=None, ge=0)
     session_id: Optional[int] = Field(default=None, ge=-(2**63), lt=2**63, description="LMDeploy's session id; part of the request id.")
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = Field(
+        default=None, max_length=1024, description="token id (as a string) -> bias added to its logit")
+    # vLLM's extras
+    min_tokens: Optional[int] = Field(default=None, ge=0)
+    min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = Field(default=None, max_length=MAX_STOP)
+    include_stop_str_in_output: Optional[bool] = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = Field(default=None, min_length=1)
+    guided_choice: Optional[list[Annotated[str, Field(min_length=1)]]] = Field(default=None, min_length=1)
+    guided_grammar: Optional[str] = Field(default=None, min_length=1, description="EBNF (xgrammar's dialect)")
+    guided_decoding_backend: Optional[Literal["xgrammar"]] = None
     # known OpenAI fields we cannot honour: rejected when given a value (left out of /openapi.json)
-    logit_bias: SkipJsonSchema[Optional[dict[str, Any]]] = None
     service_tier: SkipJsonSchema[Optional[str]] = None
 
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias", "service_tier")
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("service_tier",)
 
     @model_validator(mode="after")
     def _check_common(self) -> "_Sampling":
@@ -223,7 +259,38 @@ class _Sampling(_Strict):
             raise UnsupportedFieldError(given)
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed with 'stream': true")
+        if self.min_tokens is not None and self.min_new_tokens is not None and self.min_tokens != self.min_new_tokens:
+            raise ValueError("'min_tokens' and 'min_new_tokens' disagree; give one")
+        guides = self.guides()
+        if len(guides) > 1:
+            raise ValueError(f"give one of {', '.join(repr(g.field) for g in guides)}: they cannot be combined")
         return self
+
+    def guides(self) -> list[Guide]:
+        """The constraints this request asks for (at most one is allowed)."""
+        out = []
+        if self.guided_json is not None:
+            spec = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json,
+                                                                                          ensure_ascii=False)
+            out.append(Guide("json_schema", spec, "guided_json"))
+        if self.guided_regex is not None:
+            out.append(Guide("regex", self.guided_regex, "guided_regex"))
+        if self.guided_choice is not None:
+            out.append(Guide("choice", json.dumps(self.guided_choice, ensure_ascii=False), "guided_choice"))
+        if self.guided_grammar is not None:
+            out.append(Guide("grammar", self.guided_grammar, "guided_grammar"))
+        return out
+
+    def guide(self) -> Optional[Guide]:
+        guides = self.guides()
+        return guides[0] if guides else None
+
+    @field_validator("logit_bias", mode="after")
+    @classmethod
+    def _token_id_keys(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        if value and not all(k.isascii() and k.isdigit() for k in value):
+            raise ValueError("keys must be token ids (decimal strings)")
+        return value
 
     @field_validator("stop", mode="after")
     @classmethod
@@ -248,8 +315,12 @@ class _Sampling(_Strict):
         # omitted sampling fields take puyu's defaults (config.py), the same as `puyu chat` and the web UI
         temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
         seed = None if self.seed is None else self.seed + choice
+        min_new = self.min_tokens if self.min_tokens is not None else (self.min_new_tokens or 0)
         return GenerationConfig(
-            max_new_tokens=max_new_tokens, min_new_tokens=self.min_new_tokens or 0,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new, min_p=self.min_p or 0.0,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            stop_token_ids=list(self.stop_token_ids) if self.stop_token_ids else None,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output), guide=self.guide(),
             do_sample=temperature > 0, temperature=temperature,  # GenerationConfig decodes tiny ones greedily
             top_p=DEFAULT_TOP_P if self.top_p is None else self.top_p,
             top_k=DEFAULT_TOP_K if self.top_k is None else self.top_k,
@@ -282,14 +353,11 @@ class ChatCompletionRequest(_Sampling):
     web_search_options: SkipJsonSchema[Optional[Any]] = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
-        "logit_bias", "service_tier", "functions", "function_call", "audio", "modalities", "prediction",
+        "service_tier", "functions", "function_call", "audio", "modalities", "prediction",
         "store", "metadata", "reasoning_effort", "web_search_options")
 
     @model_validator(mode="after")
     def _check_chat(self) -> "ChatCompletionRequest":
-        if self.response_format is not None and self.response_format.type != "text":
-            raise UnsupportedFieldError(["response_format"], f"type {self.response_format.type!r} is not supported "
-                                        "(the engine has no constrained decoding); only 'text'")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("'top_logprobs' needs 'logprobs': true")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
@@ -300,6 +368,9 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError(f"'tool_choice' names {self.tool_choice.function.name!r}, which is not in 'tools'")
         if self.tool_choice in ("required",) and not self.tools:
             raise ValueError("'tool_choice': 'required' needs 'tools'")
+        if self.forces_tool_call() and self.guides():
+            raise ValueError("'tool_choice' required or named forces a tool call: it cannot be combined with "
+                             f"{self.guides()[0].field!r}")
         return self
 
     def requested_max_tokens(self) -> Optional[int]:
@@ -310,6 +381,26 @@ class ChatCompletionRequest(_Sampling):
 
     def uses_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    def forces_tool_call(self) -> bool:
+        return self.uses_tools() and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
+
+    def guides(self) -> list[Guide]:
+        extra = self.response_format.guide() if self.response_format is not None else None
+        return super().guides() + ([extra] if extra is not None else [])
+
+    def guide(self) -> Optional[Guide]:
+        """The request's constraint: a forced tool call (its arguments match the function's schema), else
+        `response_format` or a vLLM `guided_*` field."""
+        if self.forces_tool_call():
+            tools = [t.function for t in self.tools or []]
+            named = isinstance(self.tool_choice, NamedToolChoice)
+            if named:
+                tools = [f for f in tools if f.name == self.tool_choice.function.name]  # type: ignore[union-attr]
+            functions = [{"name": f.name, "parameters": f.parameters} for f in tools]
+            return Guide("tool_call", json.dumps({"functions": functions, "named": named}, ensure_ascii=False),
+                         "tools.function.parameters")
+        return super().guide()
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
@@ -326,7 +417,7 @@ class CompletionRequest(_Sampling):
     suffix: SkipJsonSchema[Optional[str]] = None
     best_of: Optional[int] = None
 
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias", "service_tier", "suffix")
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("service_tier", "suffix")
 
     @model_validator(mode="after")
     def _check_completion(self) -> "CompletionRequest":

@@ -51,8 +51,11 @@ class ChoiceState:
     prompt_tokens: int = 0
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    prompt_logprobs: Optional[list[dict[int, float]]] = None  # prompt tokens 1.. (echo with logprobs)
 
     def add(self, out: StreamOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text.append(out.text or "")
         self.token_ids.extend(out.token_ids or [])
         self.logprobs.extend(out.logprobs or [])
@@ -101,6 +104,19 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dic
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(tokenizer: Any, prompt_ids: list[int], logprobs: list[dict[int, float]], top: int,
+                  generated: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Completion `logprobs` with the prompt's tokens first (the first one has no logprob: nothing predicts it, as in
+    OpenAI's echo), then the generated ones (`generated`, offsets already after the echoed text)."""
+    part = completion_logprobs(tokenizer, prompt_ids[1:], logprobs, top, len(token_str(tokenizer, prompt_ids[0])))
+    first = token_str(tokenizer, prompt_ids[0])
+    out = {"tokens": [first] + part["tokens"], "token_logprobs": [None] + part["token_logprobs"],
+           "top_logprobs": [None] + part["top_logprobs"], "text_offset": [0] + part["text_offset"]}
+    for key in out:
+        out[key] += (generated or {}).get(key, [])
+    return out
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -71,12 +71,24 @@ def engine_error(exc: BaseException, prompt_field: str = "messages") -> APIError
     """An exception raised while starting a request, as the answer to the client."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, RuntimeError) and str(exc) == "the engine is closed":
+        return APIError(503, "the engine has stopped; the server cannot take requests", code="engine_stopped")
     if isinstance(exc, ConfigError):
         return bad_request(str(exc), exc.field)
     if isinstance(exc, ValueError):  # PromptTooLongError is one: its message holds both lengths
         code = "context_length_exceeded" if type(exc).__name__ == "PromptTooLongError" else "invalid_value"
         return bad_request(str(exc), prompt_field if code == "context_length_exceeded" else None, code)
     return engine_failure(f"{type(exc).__name__}: {exc}")
+
+
+def check_context(prompt_len: int, max_tokens: int, session_len: int, field: str = "max_tokens") -> None:
+    """Prompt + requested completion must fit the context (as vLLM: a 400 naming both numbers, not a silent cut).
+    A prompt longer than the context alone is the engine's PromptTooLongError."""
+    if prompt_len <= session_len < prompt_len + max_tokens:
+        raise APIError(400, f"this model's context is {session_len} tokens, but {prompt_len + max_tokens} were "
+                            f"requested: {prompt_len} in the prompt and {max_tokens} for the completion ({field}); "
+                            f"lower {field} to at most {session_len - prompt_len}",
+                       param=field, code="context_length_exceeded")
 
 
 def cache_salt(scope: Mapping[str, Any], requested: Optional[str]) -> Optional[str]:

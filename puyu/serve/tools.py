@@ -3,8 +3,9 @@
 Protocol (../shared/spec/internlm2-protocol.md): the tool list is a system turn named `<|plugin|>` holding the JSON
 list of function objects; a call in a reply is `{thought}<|action_start|><|plugin|>\\n{json}<|action_end|>`; a tool
 result is an `environment` turn named `<|plugin|>`. Two calls in one reply become two `tool_calls`. A call whose JSON
-cannot be read is not a call: the reply is returned as plain content (markup included, so the client sees what the
-model wrote) with `finish_reason: "stop"`, never a crash or a retry loop.
+cannot be read (e.g. cut by `max_tokens`) is not a call: the reply is returned as plain content with the protocol
+markup removed, never a crash, a retry loop or `<|action_start|>` in `content`. With `tool_choice` required or named
+the call is forced by a grammar (`puyu.engine.grammar`, kind tool_call), so it always parses.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ ACTION_END = "<|action_end|>"
 PLUGIN = "<|plugin|>"
 CALL_START = ACTION_START + PLUGIN
 END_MARKERS = ("<|im_end|>", "</s>")
+PROTOCOL_MARKUP = (ACTION_START, ACTION_END, PLUGIN, "<|interpreter|>", "<|im_start|>") + END_MARKERS
 
 
 def _call_text(name: str, arguments: str) -> str:
@@ -86,6 +88,13 @@ def strip_end_markers(text: str) -> str:
     return text
 
 
+def strip_markup(text: str) -> str:
+    """`text` without InternLM2 protocol tokens (what a call that could not be parsed leaves as content)."""
+    for marker in PROTOCOL_MARKUP:
+        text = text.replace(marker, "")
+    return text
+
+
 def _parse_call(body: str) -> dict[str, Any]:
     """One action body (`\\n{json}`) -> an OpenAI tool call; ValueError if it is not a call."""
     try:
@@ -112,7 +121,8 @@ def parse_reply(text: str) -> ParsedReply:
         try:
             calls.append(_parse_call(body))
         except ValueError as exc:
-            return ParsedReply(content=text, error=str(exc))
+            plain = strip_markup(text)
+            return ParsedReply(content=plain if plain.strip() else None, error=str(exc))
     return ParsedReply(content=head or None, tool_calls=calls)
 
 
@@ -146,7 +156,7 @@ class ToolStreamParser:
             return ParsedReply(content=strip_end_markers(self._pending) or None)
         parsed = parse_reply(self._calls)
         if parsed.error:
-            return parsed  # the raw call text becomes content
+            return parsed  # the call text, markup removed, becomes content
         return ParsedReply(content=None, tool_calls=parsed.tool_calls)
 
 

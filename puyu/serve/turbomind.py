@@ -62,10 +62,16 @@ def lmdeploy_generation_config(gen: GenerationConfig) -> Any:
     """Our per-request options as LMDeploy's `GenerationConfig`."""
     from lmdeploy.messages import GenerationConfig as LMDGenerationConfig
 
+    if gen.guide is not None:  # never accepted and then ignored
+        raise ConfigError(gen.guide.field, "constrained decoding (structured output, a forced tool call) is not "
+                                           "supported by the TurboMind backend; use the native engine")
+    for name in ("logit_bias", "prompt_logprobs"):
+        if getattr(gen, name):
+            raise ConfigError(name, "not supported by the TurboMind backend; use the native engine")
     return LMDGenerationConfig(
         n=1, max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens or None, do_sample=not gen.greedy,
         top_p=gen.top_p, top_k=gen.top_k, temperature=gen.temperature, repetition_penalty=gen.repetition_penalty,
-        ignore_eos=gen.ignore_eos, random_seed=gen.random_seed, stop_words=gen.stop_words,
+        ignore_eos=gen.ignore_eos, random_seed=gen.random_seed, min_p=gen.min_p, stop_words=gen.stop_words,
         stop_token_ids=gen.stop_token_ids, skip_special_tokens=gen.skip_special_tokens, logprobs=gen.logprobs)
 
 

@@ -31,3 +31,28 @@ def scripted_checkpoint(source: Path, out: Path) -> Path:
     tok = Tokenizer(out)
     script_checkpoint(out, [chain_ids(tok, "assistant\n", CALL_REPLY), chain_ids(tok, '"parameters": ', BAD_REPLY)])
     return out
+
+
+def conforms(value, schema) -> bool:
+    """A small JSON-schema check for the keywords used here (type, properties, required, enum, items, bounds)."""
+    if "enum" in schema:
+        return value in schema["enum"]
+    kind = schema.get("type")
+    if kind == "object":
+        if not isinstance(value, dict) or any(k not in value for k in schema.get("required", [])):
+            return False
+        props = schema.get("properties", {})
+        if props and any(k not in props for k in value):
+            return False
+        return all(conforms(v, props[k]) for k, v in value.items() if k in props)
+    if kind == "array":
+        return (isinstance(value, list) and len(value) <= schema.get("maxItems", len(value))
+                and all(conforms(v, schema.get("items", {})) for v in value))
+    if kind == "string":
+        return isinstance(value, str) and len(value) <= schema.get("maxLength", len(value))
+    if kind == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and schema.get("minimum", value) <= value <= schema.get("maximum", value))
+    if kind == "boolean":
+        return isinstance(value, bool)
+    return kind is None

@@ -88,10 +88,12 @@ def test_serve_completions_whole_stream_echo_logprobs_n(client, engine):
     text = whole.choices[0].text
     assert text.startswith(prompt) and whole.usage.prompt_tokens == n_prompt
     lp = whole.choices[0].logprobs
-    assert len(lp.tokens) == whole.usage.completion_tokens == len(lp.token_logprobs)
+    # echo: the prompt's tokens come first (the first without a logprob), see test_serve_echo_logprobs.py
+    assert len(lp.tokens) == n_prompt + whole.usage.completion_tokens == len(lp.token_logprobs)
+    assert lp.token_logprobs[0] is None
     assert all(1 <= len(top) <= 2 and max(top.values()) >= tok_lp - 1e-6  # byte tokens may share a string
-               for top, tok_lp in zip(lp.top_logprobs, lp.token_logprobs))
-    assert "".join(lp.tokens) == text[len(prompt):]
+               for top, tok_lp in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert "".join(lp.tokens[n_prompt:]) == text[len(prompt):]
     streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True,
                                          stream_options={"include_usage": True})
     chunks = list(streamed)
@@ -159,8 +161,10 @@ def test_serve_errors_have_openai_shape_and_status(server, engine):
                  param="model")
     assert_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "temperature": -1}),
                  400, "temperature", param="temperature")
-    assert_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "logit_bias": {"1": 5},
-                                                            "functions": [{}]}), 400, "logit_bias", "functions")
+    assert_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "service_tier": "x",
+                                                            "functions": [{}]}), 400, "service_tier", "functions")
+    assert_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "logit_bias": {"1": 500}}),
+                 400, "100", param="logit_bias.1")
     assert_error(raw_post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3}), 400, "best_of")
     # found by fuzzing: a denormal penalty overflowed the logits inside the engine (a 500 for every running request)
     assert_error(raw_post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 5e-324}),

@@ -88,19 +88,37 @@ def test_serve_tool_round_trip_renders_the_result_as_environment_turn(client, se
     assert second.usage.prompt_tokens == len(tok.encode(expected, add_special_tokens=False))
 
 
-def test_serve_invalid_tool_json_comes_back_as_content(client):
+def test_serve_named_tool_choice_is_enforced(client):
+    """The scripted model answers a forced named call with broken JSON (BAD_REPLY); the grammar overrides it: the
+    reply is a call with arguments that match the function's (empty) schema, whole and streamed."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
     reply = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=40,
-                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+                                           tool_choice=named)
     choice = reply.choices[0]
-    assert choice.finish_reason == "stop" and not choice.message.tool_calls
-    assert choice.message.content == ('<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": BAD'
-                                      '<|action_end|>')
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {}
     stream = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=40,
-                                            stream=True, tool_choice={"type": "function",
-                                                                      "function": {"name": "get_weather"}})
+                                            stream=True, tool_choice=named)
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
-    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [("get_weather", {})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("max_tokens", [3, 5, 7, 9])
+def test_serve_cut_tool_call_leaks_no_markup(client, max_tokens):
+    """A call cut by max_tokens cannot be parsed: it comes back as content without protocol markup."""
+    reply = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0,
+                                           max_tokens=max_tokens)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length" and not choice.message.tool_calls
+    assert "<|" not in (choice.message.content or "")
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0,
+                                            max_tokens=max_tokens, stream=True)
+    content = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert "<|" not in content and content == (choice.message.content or "")
 
 
 def test_serve_tool_choice_none_and_required(client):

@@ -8,11 +8,12 @@ Names are relative to `model.layers.N.` for per-layer tensors and end before `.w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import torch
+if TYPE_CHECKING:  # no torch at import: spec.py (and so every CLI argument check) imports this registry
+    import torch
 
-TensorGetter = Callable[[str], torch.Tensor]
+TensorGetter = Callable[[str], "torch.Tensor"]
 
 
 class HeadShape(Protocol):
@@ -80,6 +81,8 @@ def split_grouped_qkv(t: torch.Tensor, spec: HeadShape) -> tuple[torch.Tensor, t
 
 def group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: HeadShape) -> torch.Tensor:
     """The inverse of `split_grouped_qkv`."""
+    import torch
+
     g, d, hkv = spec.num_heads // spec.num_kv_heads, spec.head_dim, spec.num_kv_heads
     rest = q.shape[1:]
     parts = [q.reshape(hkv, g, d, *rest), k.reshape(hkv, 1, d, *rest), v.reshape(hkv, 1, d, *rest)]
