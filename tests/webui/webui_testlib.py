@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import tempfile
 import re
 import sys
 import threading
@@ -20,7 +21,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--no-first-run", "--disable-component-update", "--disable-sync"]
 
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+# the README's screenshots are refreshed only on request (PUYU_UPDATE_DOCS=1): a test run leaves the checkout clean
+DOCS = (Path(__file__).resolve().parents[2] / "docs" if os.environ.get("PUYU_UPDATE_DOCS") == "1"
+        else Path(tempfile.gettempdir()) / "puyu-webui-screenshots")
 
 
 expect_timeout_ms = 60_000  # a generous ceiling for slow CI; no test depends on how fast anything is
