@@ -121,7 +121,8 @@ class AsyncEngine:
         ids = self.engine.prepare_request(prompt)
         return ids, gen_config, request_id or uuid.uuid4().hex
 
-    def _register(self, request_id: str, ids: tuple[list[int], list], gen_config: GenerationConfig, sink: Sink) -> None:
+    def _register(self, request_id: str, ids: tuple[list[int], list], gen_config: GenerationConfig,
+                  sink: Sink) -> None:
         with self._cv:
             if self._closed:  # checked again under the lock: a close() since _prepare would leave nobody to answer
                 raise RuntimeError("the engine is closed")
@@ -155,7 +156,8 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def _stream_sync(self, ids: tuple[list[int], list], gen_config: GenerationConfig, request_id: str) -> Iterator[StreamOutput]:
+    def _stream_sync(self, ids: tuple[list[int], list], gen_config: GenerationConfig,
+                     request_id: str) -> Iterator[StreamOutput]:
         q: queue.Queue[StreamOutput] = queue.Queue()
         self._register(request_id, ids, gen_config, q.put)
         finished = False

@@ -13,6 +13,7 @@ from puyu.testing import random_png
 from puyu.engine import AsyncEngine
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import EngineBackend
+from puyu.webui.image_tab import READY
 from puyu.webui.personas import PLAIN
 from puyu.webui.settings import ChatSettings
 
@@ -52,7 +53,7 @@ def test_image_question_answered_over_two_turns(app, page_factory, vl_backend, t
     expect(page.locator("#vqa-error")).to_contain_text("upload an image first")
     assert rec.requests == []
     page.locator("#vqa-image input[type='file']").set_input_files(str(random_png(tmp_path / "a.png", 1)))
-    expect(page.locator("#vqa-image img")).to_have_count(1)
+    expect(page.locator("#vqa-status")).to_have_text(READY)  # the server has the new conversation
     _ask(page, "What is this?")
     expect(page.locator("#vqa-status")).to_contain_text("finish: length")
     messages, settings = rec.requests[0]
@@ -74,8 +75,10 @@ def test_image_question_answered_over_two_turns(app, page_factory, vl_backend, t
     # another picture starts a new conversation
     page.locator("#vqa-image input[type='file']").set_input_files(str(random_png(tmp_path / "b.png", 2)))
     expect(_answers(page)).to_have_count(0)
+    expect(page.locator("#vqa-status")).to_have_text(READY)
     _ask(page, "What is this?")
     expect(_answers(page)).to_have_count(1)
     expect(page.locator("#vqa-status")).to_contain_text("finish: length")
     third, _ = rec.requests[2]
-    assert len(third) == 1 and third[0]["content"][0]["image_url"]["url"] != messages[0]["content"][0]["image_url"]["url"]
+    first_url = messages[0]["content"][0]["image_url"]["url"]
+    assert len(third) == 1 and third[0]["content"][0]["image_url"]["url"] != first_url
