@@ -71,8 +71,9 @@ def _plora_and_projector(llm: dict[str, torch.Tensor], shape: TinyShape, v: Tiny
         for lin in LORA_LINEARS:
             base = llm[f"model.layers.{layer}.{lin}.weight"]
             out_f, in_f = base.shape
-            out[f"model.layers.{layer}.{lin}.Plora_A.weight"] = torch.randn(v.plora_r, in_f, generator=gen) / math.sqrt(in_f)
-            out[f"model.layers.{layer}.{lin}.Plora_B.weight"] = torch.randn(out_f, v.plora_r, generator=gen) / math.sqrt(v.plora_r)
+            p = f"model.layers.{layer}.{lin}."
+            out[p + "Plora_A.weight"] = torch.randn(v.plora_r, in_f, generator=gen) / math.sqrt(in_f)
+            out[p + "Plora_B.weight"] = torch.randn(out_f, v.plora_r, generator=gen) / math.sqrt(v.plora_r)
     h = shape.hidden_size
     out["vision_proj.0.weight"] = torch.randn(h, v.hidden_size, generator=gen) / math.sqrt(v.hidden_size)
     out["vision_proj.0.bias"] = 0.1 * torch.randn(h, generator=gen)

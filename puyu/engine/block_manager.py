@@ -1,9 +1,10 @@
 """Block manager: hands out KV-cache blocks, with prefix caching.
 
 A full block is registered under a chained hash (hash of the previous block's hash and its own tokens, plus the
-digests of the images overlapping it: `Sequence.block_key`) together with that key, so a match is exact even if two hashes collide. Blocks whose last user is gone keep their contents and
-their hash: they sit in a free list ordered by release time, and a later request with the same prefix revives them;
-allocation takes the least recently released block (LRU eviction), dropping its hash.
+digests of the images overlapping it: `Sequence.block_key`) together with that key, so a match is exact even if two
+hashes collide. Blocks whose last user is gone keep their contents and their hash: they sit in a free list ordered
+by release time, and a later request with the same prefix revives them; allocation takes the least recently
+released block (LRU eviction), dropping its hash.
 """
 from __future__ import annotations
 

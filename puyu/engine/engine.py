@@ -130,7 +130,8 @@ class AsyncEngine:
         ids = self.engine.prepare_request(prompt)
         return ids, gen_config, request_id or uuid.uuid4().hex
 
-    def _register(self, request_id: str, ids: tuple[list[int], list], gen_config: GenerationConfig, sink: Sink) -> None:
+    def _register(self, request_id: str, ids: tuple[list[int], list], gen_config: GenerationConfig,
+                  sink: Sink) -> None:
         with self._cv:
             # checked again under the lock: a close() (or a crash) since _prepare would leave nobody to answer
             if self._closed or not self._thread.is_alive():

@@ -98,7 +98,6 @@ class LLMEngine:
         if is_workspace(self.model_path):
             raise CheckpointError(f"{self.model_path}: a TurboMind workspace holds no vision tower; serve the "
                                   f"HF checkpoint of this {self.spec.model_arch} model")
-
         vision = XComposer2Vision(self.model_path, self.dtype, self.device)
         if vision.img_size != self.spec.img_size:
             raise CheckpointError(f"{self.model_path / 'config.json'}: img_size {self.spec.img_size} does not match "

@@ -53,7 +53,8 @@ class RowLora:
         return y
 
 
-def plora_from_weights(weights: dict[str, torch.Tensor], num_layers: int, scale: float = 1.0) -> list[dict[str, LoraPair]]:
+def plora_from_weights(weights: dict[str, torch.Tensor], num_layers: int,
+                       scale: float = 1.0) -> list[dict[str, LoraPair]]:
     """Per-layer PLoRA pairs from TurboMind-layout `layers.N.<linear>.lora_a/lora_b.weight` tensors; w1 and w3 are
     fused (A side by side, B block-diagonal) to match the model's one gate_up matmul."""
     layers: list[dict[str, LoraPair]] = []

@@ -22,9 +22,9 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000  # width x height, checked before the pixels are decoded
 MAX_IMAGES_PER_PROMPT = 8
 PLACEHOLDER_ID = 0  # the token id image positions carry (their embeddings are replaced)
-XCOMPOSER2_META = ("You are 浦语·灵笔 (InternLM-XComposer), a multimodal assistant built by Shanghai AI Laboratory. "
-                   "You look at the images you are given and answer questions about them helpfully, honestly and "
-                   "harmlessly, in the user's language (English or 中文).")
+XCOMPOSER2_META = ("You are 浦语·灵笔 (InternLM-XComposer), a multimodal assistant built by Shanghai AI "
+                   "Laboratory. You look at the images you are given and answer questions about them helpfully, "
+                   "honestly and harmlessly, in the user's language (English or 中文).")
 
 
 def is_image_part(part: Any) -> bool:

@@ -20,13 +20,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def preprocess(image, img_size: int) -> torch.Tensor:
-    """A PIL image -> float32 `[3, img_size, img_size]`, normalised as CLIP expects."""
+    """A PIL image -> float32 `[3, img_size, img_size]`, normalised as CLIP expects.
+
+    Computed with numpy (single-threaded): it runs in the caller's thread, and torch ops there would start OpenMP
+    regions beside the engine thread's (see engine.py)."""
     from PIL import Image
 
     rgb = image.convert("RGB").resize((img_size, img_size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-    return (x - mean) / std
+    x = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
+    x = (x - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 class XComposer2Vision:

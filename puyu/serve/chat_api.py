@@ -9,10 +9,9 @@ from fastapi.responses import JSONResponse, Response
 
 from ..chat_templates import INTERNLM2_CHAT_TEMPLATE
 from ..tokenizer import render_chat
-from .errors import engine_failure
-from .metrics import ServerMetrics
-from .errors import bad_request
+from .errors import bad_request, engine_failure
 from .media import has_vision, load_image_part, no_vision
+from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, ImagePart
 from .responses import (ChoiceState, chat_logprobs, new_id, now, run_until_disconnect, sse, sse_body, sse_response,
                         usage)

@@ -12,6 +12,8 @@ from .chat_tab import CONCURRENCY
 from .image_chat import ImageConversation
 from .settings import ChatSettings
 
+READY = "picture ready: ask about it"
+
 
 def build_image_tab(backend: ChatBackend, settings: ChatSettings) -> None:
     """Add the image tab's components to the current `gr.Blocks` (inside a `gr.Tab`); replies use `settings`."""
@@ -33,16 +35,18 @@ def build_image_tab(backend: ChatBackend, settings: ChatSettings) -> None:
             status = gr.Markdown("", elem_id="vqa-status")
             error = gr.Markdown("", elem_id="vqa-error")
 
-    async def on_ask(text: str, conv: ImageConversation) -> AsyncIterator[tuple]:
+    async def on_ask(text: str, picture: Any, conv: ImageConversation) -> AsyncIterator[tuple]:
+        if picture is not None and not conv.image_url:  # asked before the upload's own event was handled
+            conv = image_chat.new_conversation(picture)
         async for update in image_chat.ask(backend, text, conv, settings):
             yield update
 
     def on_image(picture: Any) -> tuple:
         conv = image_chat.new_conversation(picture)
-        return conv.display(), conv, "", ""
+        return conv.display(), conv, READY if picture is not None else "", ""
 
     outputs = [chatbot, conv_state, status, error]
-    ask_event = gr.on([question.submit, send_btn.click], on_ask, [question, conv_state], outputs + [question],
+    ask_event = gr.on([question.submit, send_btn.click], on_ask, [question, image, conv_state], outputs + [question],
                       concurrency_limit=CONCURRENCY, trigger_mode="once")
     stop_btn.click(None, None, None, cancels=[ask_event])
     image.change(on_image, [image], outputs, cancels=[ask_event])

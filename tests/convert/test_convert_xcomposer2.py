@@ -9,7 +9,7 @@ import torch
 from puyu.cli import main
 from puyu.convert import load_model_weights
 from puyu.convert.readers import permute_rotary_rows
-from puyu.testing import load_shards
+from puyu.testing import load_shards, random_image
 
 
 def _bin_copy(src, dst):
@@ -35,7 +35,8 @@ def test_plora_tensors_in_turbomind_layout(xcomposer2_checkpoint):
     assert spec.vision == "xcomposer2" and spec.img_size == 56
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        torch.testing.assert_close(w[f"layers.{i}.attention.wo.lora_a.weight"], hf[p + "attention.wo.Plora_A.weight"].t())
+        torch.testing.assert_close(w[f"layers.{i}.attention.wo.lora_a.weight"],
+                                   hf[p + "attention.wo.Plora_A.weight"].t())
         torch.testing.assert_close(w[f"layers.{i}.feed_forward.w2.lora_b.weight"],
                                    hf[p + "feed_forward.w2.Plora_B.weight"].t())
         # w_qkv's B is permuted exactly like w_qkv's own output columns: (x A) B adds to x w_qkv column by column
@@ -52,18 +53,15 @@ def test_plora_tensors_in_turbomind_layout(xcomposer2_checkpoint):
 
 
 def test_bin_shards_read_like_safetensors(xcomposer2_checkpoint, tmp_path):
-    import numpy as np
-    from PIL import Image
-
     from puyu.engine.xcomposer2_vision import XComposer2Vision, preprocess
 
     bins = _bin_copy(xcomposer2_checkpoint, tmp_path / "bin")
     _, a = load_model_weights(xcomposer2_checkpoint, torch.float32)
     _, b = load_model_weights(bins, torch.float32)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
-    pixels = preprocess(image, 56)[None]
-    feats = [XComposer2Vision(d, torch.float32, torch.device("cpu")).encode(pixels) for d in (xcomposer2_checkpoint, bins)]
+    pixels = preprocess(random_image(0, (30, 20)), 56)[None]
+    feats = [XComposer2Vision(d, torch.float32, torch.device("cpu")).encode(pixels)
+             for d in (xcomposer2_checkpoint, bins)]
     assert feats[0].shape == (1, 16, 64) and torch.equal(*feats)
 
 

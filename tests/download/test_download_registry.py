@@ -26,7 +26,8 @@ def test_registry_has_the_models_we_serve() -> None:
     assert registry["internlm-xcomposer2-vl-7b"].repos["huggingface"] == "internlm/internlm-xcomposer2-vl-7b"
     assert registry["internlm-xcomposer2-7b"].repos["huggingface"] == "internlm/internlm-xcomposer2-7b"
     # 490 px -> 35 x 35 image tokens (VL), 224 px -> 16 x 16 (composition)
-    assert (registry["internlm-xcomposer2-vl-7b"].image_size, registry["internlm-xcomposer2-7b"].image_size) == (490, 224)
+    sizes = registry["internlm-xcomposer2-vl-7b"].image_size, registry["internlm-xcomposer2-7b"].image_size
+    assert sizes == (490, 224)
     assert registry["puyu-tiny"].builtin and not registry["puyu-tiny"].repos
     for entry in registry.values():
         assert entry.builtin or entry.default_source in ("huggingface", "modelscope"), entry.name

@@ -138,7 +138,7 @@ def test_prefix_cache_is_keyed_by_image(checkpoint):
     eng = _engine(checkpoint, enable_prefix_caching=True)
     fresh = _engine(checkpoint, enable_prefix_caching=False)
     a, b = _image(6), _image(7)
-    prompt_a, prompt_b = _ask("Look at this please: ", a, "what is it?"), _ask("Look at this please: ", b, "what is it?")
+    prompt_a, prompt_b = (_ask("Look at this please: ", im, "what is it?") for im in (a, b))
     _generate(eng, prompt_a, "a1")
     hit_before = eng.block_manager.stats.hit_tokens
     got_b, _, ids_b, spans_b = _generate(eng, prompt_b, "b1")

@@ -3,6 +3,8 @@ upload a picture, ask, the streamed answer is what the engine gives for the same
 picture on the first question, a new picture starts over, asking without one is an error in the page."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from playwright.sync_api import expect
 
@@ -13,6 +15,7 @@ from puyu.testing import random_png
 from puyu.engine import AsyncEngine
 from puyu.webui.app import AppConfig
 from puyu.webui.backends import EngineBackend
+from puyu.webui.image_tab import READY
 from puyu.personas import PLAIN
 from puyu.webui.settings import ChatSettings
 
@@ -46,21 +49,32 @@ def _answers(page):
 def test_image_question_answered_over_two_turns(app, page_factory, vl_backend, tmp_path):
     url, rec = app
     rec.requests.clear()
+    rec.hold = False
     page = page_factory(url)
     page.get_by_role("tab", name="Image Q&A").click()
     _ask(page, "What is this?")
     expect(page.locator("#vqa-error")).to_contain_text("upload an image first")
     assert rec.requests == []
     page.locator("#vqa-image input[type='file']").set_input_files(str(random_png(tmp_path / "a.png", 1)))
-    expect(page.locator("#vqa-image img")).to_have_count(1)
+    expect(page.locator("#vqa-status")).to_have_text(READY)  # the server has the new conversation
+    rec.hold = True  # the stream pauses after its first text until the page has shown it
     _ask(page, "What is this?")
+    assert rec.holding.wait(60), "the backend never streamed"
+    expect(page.locator("#vqa-status")).to_contain_text("generating")
+    expect(_answers(page)).to_have_count(1)
+    expect(_answers(page).first).not_to_have_text(re.compile(r"^\s*$"))  # the first streamed text is on the page
+    partial = _answers(page).first.inner_text().strip()
+    rec.hold = False
+    rec.release()
     expect(page.locator("#vqa-status")).to_contain_text("finish: length")
     messages, settings = rec.requests[0]
     assert messages[0]["content"][0]["type"] == "image_url"
     assert messages[0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert messages[0]["content"][1] == {"type": "text", "text": "What is this?"}
     expected = reference_reply(vl_backend, messages, settings)
-    assert letters(_answers(page).first.inner_text()) == letters(expected) and letters(expected)
+    final = _answers(page).first.inner_text().strip()
+    assert letters(final) == letters(expected) and letters(expected)
+    assert partial and final != partial  # the reply grew after the first chunk was shown
     # the picture matters: without it the same question gets another answer
     text_only = reference_reply(vl_backend, [{"role": "user", "content": "What is this?"}], settings)
     assert text_only != expected
@@ -74,8 +88,10 @@ def test_image_question_answered_over_two_turns(app, page_factory, vl_backend, t
     # another picture starts a new conversation
     page.locator("#vqa-image input[type='file']").set_input_files(str(random_png(tmp_path / "b.png", 2)))
     expect(_answers(page)).to_have_count(0)
+    expect(page.locator("#vqa-status")).to_have_text(READY)
     _ask(page, "What is this?")
     expect(_answers(page)).to_have_count(1)
     expect(page.locator("#vqa-status")).to_contain_text("finish: length")
     third, _ = rec.requests[2]
-    assert len(third) == 1 and third[0]["content"][0]["image_url"]["url"] != messages[0]["content"][0]["image_url"]["url"]
+    first_url = messages[0]["content"][0]["image_url"]["url"]
+    assert len(third) == 1 and third[0]["content"][0]["image_url"]["url"] != first_url
