@@ -67,7 +67,7 @@ def sampler_bench(tokenizer, batch: int, steps: int) -> dict:
         t2 = time.perf_counter()
         times["plain"].append(t1 - t0)
         times["guided"].append(t2 - t1)
-        for k, req in enumerate(guided):
+        for req in guided:
             if req.guide.finished:  # type: ignore[union-attr]  # start over: keep every row guided
                 req.guide = grammars.matcher(GUIDE, stops)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}

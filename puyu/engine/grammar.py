@@ -18,7 +18,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 import torch
 
@@ -82,7 +82,7 @@ class Grammars:
             if hf is not None:
                 info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=tok.vocab_rows, stop_token_ids=stops)
             else:
-                info = xgr.TokenizerInfo(vocab, vocab_type, vocab_size=tok.vocab_rows, stop_token_ids=stops,
+                info = xgr.TokenizerInfo(cast(Any, vocab), vocab_type, vocab_size=tok.vocab_rows, stop_token_ids=stops,
                                          add_prefix_space=prefix_space)
             self.vocab_size = info.vocab_size
             self.json_tables = JSONByteTables(info.decoded_vocab, set(tok.special_ids) | set(stops), info.vocab_size)

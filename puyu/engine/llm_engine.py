@@ -164,8 +164,11 @@ class LLMEngine:
     def _encode_images(self, images: list[ImageSpan]) -> list[ImageSpan]:
         """Run the vision tower on the images' pixels (on the engine thread); spans get their embeddings."""
         todo = [im for im in images if im.embeds is None]
+        pixels = [im.pixels for im in todo if im.pixels is not None]
+        if len(pixels) != len(todo):
+            raise ValueError("an image reached the engine without its pixels")
         if todo:
-            feats = self.vision.encode(torch.stack([im.pixels for im in todo]))
+            feats = self.vision.encode(torch.stack(pixels))
             for im, f in zip(todo, feats):
                 im.embeds, im.pixels = f, None
         return images

@@ -135,7 +135,7 @@ class DecoderModel:
         """float32 logits `[len(logit_rows), vocab]` for a flattened step of `T` tokens; `extra` gives embeddings of
         some rows (image features) and the rows each adapter applies to."""
         h = F.embedding(input_ids, self.embed)
-        if extra is not None and extra.embed_rows is not None:
+        if extra is not None and extra.embed_rows is not None and extra.embeds is not None:
             h.index_copy_(0, extra.embed_rows, extra.embeds.to(h.dtype))
         cos, sin = self.rotary.cos_sin(positions, seq_lens)
         if self._fused_steps(cache):

@@ -53,6 +53,7 @@ class ModelRunner:
             for im in seq.images:
                 lo, hi = max(start, im.start), min(start + n, im.end)
                 if lo < hi:
+                    assert im.embeds is not None  # encoded when the request was added (LLMEngine._encode_images)
                     image_rows.extend(range(row + lo - start, row + hi - start))
                     image_embeds.append(im.embeds[lo - im.start:hi - im.start])
             if start == 0:

@@ -37,9 +37,10 @@ def has_images(prompt: Any) -> bool:
         for m in prompt)
 
 
-def first_image_field(prompt: list) -> str:
-    for i, m in enumerate(prompt):
-        for j, p in enumerate(m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), list) else []):
+def first_image_field(prompt: Any) -> str:
+    for i, m in enumerate(prompt if isinstance(prompt, list) else []):
+        content = m.get("content") if isinstance(m, dict) else None
+        for j, p in enumerate(content if isinstance(content, list) else []):
             if is_image_part(p):
                 return f"messages[{i}].content[{j}]"
     return "messages"

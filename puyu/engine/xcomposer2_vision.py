@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,10 +28,10 @@ def preprocess(image, img_size: int) -> torch.Tensor:
     regions beside the engine thread's (see engine.py)."""
     from PIL import Image
 
-    rgb = image.convert("RGB").resize((img_size, img_size), Image.BICUBIC)
+    rgb = image.convert("RGB").resize((img_size, img_size), Image.Resampling.BICUBIC)
     x = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
-    x = (x - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    normed = (x - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(normed.transpose(2, 0, 1)))
 
 
 class XComposer2Vision:
@@ -51,7 +53,8 @@ class XComposer2Vision:
 
             raise CheckpointError(f"{model_dir}: the CLIP tower lacks {missing[0]!r}")
         tower.load_state_dict(state, strict=False)
-        self.tower = tower.to(device=device, dtype=dtype).eval()
+        moved: Any = tower
+        self.tower = moved.to(device=device, dtype=dtype).eval()
         self.proj = [(w.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
                      for w, b in projector_weights(files)]
         self.dtype, self.device = dtype, device

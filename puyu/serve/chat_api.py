@@ -41,8 +41,12 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[list[int]
 
 def image_parts(req: ChatCompletionRequest) -> list[tuple[int, int, ImagePart]]:
     """(message index, part index, part) of every image part of the request."""
-    return [(i, j, p) for i, m in enumerate(req.messages) if isinstance(getattr(m, "content", None), list)
-            for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
+    found = []
+    for i, m in enumerate(req.messages):
+        content = getattr(m, "content", None)
+        if isinstance(content, list):
+            found += [(i, j, p) for j, p in enumerate(content) if isinstance(p, ImagePart)]
+    return found
 
 
 def image_prompt(req: ChatCompletionRequest, allowed: Optional[Any]) -> list[dict]:
@@ -52,7 +56,7 @@ def image_prompt(req: ChatCompletionRequest, allowed: Optional[Any]) -> list[dic
         raise bad_request("tools: not supported together with image content", "tools")
     out = []
     for i, m in enumerate(req.messages):
-        msg = to_internlm2_messages([m], None)[0]
+        msg: dict[str, Any] = to_internlm2_messages([m], None)[0]
         content = getattr(m, "content", None)
         if isinstance(content, list) and any(isinstance(p, ImagePart) for p in content):
             msg["content"] = [
@@ -94,6 +98,7 @@ class ChatCompletion:
         if images and not has_vision(self.engine):
             i, j, _ = images[0]
             raise no_vision(self.model, f"messages[{i}].content[{j}]")
+        prompt: Any
         if images:  # decoding images takes a while too
             allowed = getattr(request.app.state, "allowed_local_media_path", None)
             prompt, self.prefix = await asyncio.to_thread(image_prompt, self.req, allowed), ""

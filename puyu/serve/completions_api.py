@@ -124,7 +124,7 @@ class Completion:
                 offsets[index] = len(echo)
                 lps = None
                 first = firsts.get(index)
-                if self.prompt_logprobs is not None and getattr(first, "prompt_logprobs", None) is not None:
+                if self.prompt_logprobs is not None and first is not None and first.prompt_logprobs is not None:
                     lps = echo_logprobs(self.engine.tokenizer, self.prompt_ids[index // self.n],
                                         first.prompt_logprobs, self.req.logprobs or 0, None)
                 yield self._chunk(index, echo, logprobs=lps)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, cast
 
 from . import chat
 from .backends import ChatBackend
@@ -54,5 +54,6 @@ async def ask(backend: ChatBackend, question: str, conv: ImageConversation,
     if not conv.image_url:
         yield conv.display(), conv, "", chat.format_error(NO_IMAGE), question
         return
-    async for update in chat.send(backend, question, conv, settings):
+    # an ImageConversation has what `send` uses of a Conversation (messages, display, request_messages)
+    async for update in chat.send(backend, question, cast(Any, conv), settings):
         yield update
