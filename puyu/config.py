@@ -125,6 +125,7 @@ class GenerationConfig:
     skip_special_tokens: bool = True
     logprobs: Optional[int] = None  # None: none; 0: the chosen token's; k: also the top-k alternatives
     cache_salt: Optional[str] = None  # prefix-cache namespace: cached blocks are shared only under the same salt
+    adapter_name: Optional[str] = None  # the loaded LoRA adapter this request runs with (None: the base model)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,6 +157,8 @@ class GenerationConfig:
               "logprobs", "must be between 0 and 20")
         check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt != ""),
               "cache_salt", "must be a non-empty string")
+        check(self.adapter_name is None or (isinstance(self.adapter_name, str) and self.adapter_name != ""),
+              "adapter_name", "must be a non-empty string")
 
     @property
     def greedy(self) -> bool:

@@ -53,6 +53,8 @@ class Sequence:
     finish_reason: Optional[str] = None
     preemptions: int = 0
     images: list[ImageSpan] = field(default_factory=list)
+    # the identity of the loaded LoRA adapter it runs with (its name and load number): keys its prefix-cache blocks
+    adapter_key: Optional[str] = None
 
     @property
     def token_ids(self) -> list[int]:
