@@ -92,9 +92,9 @@ class AsyncEngine:
         self._submit("abort", request_id)
 
     @property
-    def adapters(self) -> list[str]:
-        """Names of the loaded LoRA adapters."""
-        return list(self.engine.adapters)
+    def adapters(self) -> dict[str, Path]:
+        """The loaded LoRA adapters: name -> directory (a copy)."""
+        return dict(self.engine.adapters)
 
     def load_adapter(self, name: str, path: Union[str, Path]) -> Future:
         """Load a PEFT LoRA adapter on the engine thread, between steps; the future's exception, if any, is an
