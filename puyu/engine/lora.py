@@ -28,7 +28,7 @@ class StepInputs:
 
     embed_rows: Optional[torch.Tensor] = None  # int64 [E] flat rows whose input embedding is replaced
     embeds: Optional[torch.Tensor] = None  # [E, hidden]
-    lora_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter name -> int64 rows
+    lora_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter name -> distinct int64 rows
 
 
 class RowLora:
@@ -45,6 +45,10 @@ class RowLora:
         for name, rows in step.lora_rows.items():
             pair = self.adapters[name][layer].get(linear)
             if pair is None or rows.numel() == 0:
+                continue
+            if rows.numel() == x.shape[0]:  # the rows are distinct, so these are all rows: no gather or scatter
+                delta = (x @ pair.a) @ pair.b
+                y.add_(delta.to(y.dtype), alpha=pair.scale)
                 continue
             delta = (x.index_select(0, rows) @ pair.a) @ pair.b
             if pair.scale != 1.0:
