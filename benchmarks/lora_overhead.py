@@ -63,7 +63,7 @@ def build_model(args: argparse.Namespace, work: Path):
     model = DecoderModel(spec, {k: v.to(device) for k, v in weights.items()}, device, args.kernels)
     for i in range(max(ADAPTER_COUNTS)):
         path = build_peft_adapter(ckpt, work / f"adapter{i}", targets, r=args.rank, alpha=2 * args.rank, seed=i)
-        model.lora.adapters[f"a{i}"] = load_peft_adapter(path, spec, torch.float32, device)
+        model.lora.add(f"a{i}", load_peft_adapter(path, spec, torch.float32, device))
     blocks = len(ADAPTER_COUNTS) * args.batch * (-(-(args.context + 1) // 16) + 1)
     cache = KVCacheStorage(spec.num_layers, blocks, 16, spec.num_kv_heads, spec.head_dim, torch.float32, device)
     return spec, ModelRunner(model, cache), BlockManager(blocks, 16)

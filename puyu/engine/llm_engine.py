@@ -136,7 +136,7 @@ class LLMEngine:
             raise ValueError(f"lora_name: {name!r} is taken by the model itself")
         layers = load_peft_adapter(path, self.spec, self.dtype, self.device)
         self._adapter_loads += 1
-        self.model.lora.adapters[name] = layers
+        self.model.lora.add(name, layers)
         self.adapters[name] = Path(path)
         self._adapter_keys[name] = f"{name}#{self._adapter_loads}"
 
@@ -147,7 +147,8 @@ class LLMEngine:
         users = [rid for rid, r in self.requests.items() if r.seq.gen_config.adapter_name == name]
         if users:
             raise ValueError(f"lora_name: adapter {name!r} is in use by {len(users)} running request(s)")
-        del self.model.lora.adapters[name], self.adapters[name], self._adapter_keys[name]
+        self.model.lora.remove(name)
+        del self.adapters[name], self._adapter_keys[name]
 
     def check_adapter(self, gen_config: GenerationConfig) -> None:
         """ValueError naming `adapter_name` when it names no loaded adapter."""
