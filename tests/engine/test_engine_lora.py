@@ -73,12 +73,14 @@ def test_adapters_change_the_reference(lora_case):
             assert (refs[name](prompt).logits - base).abs().max() > 0.05
 
 
-def test_mixed_batch_logits_match_peft(lora_case):
-    """One prefill step over the base model and both adapters' rows, then one decode step, against peft."""
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_mixed_batch_logits_match_peft(lora_case, kernels):
+    """One prefill step over the base model and both adapters' rows, then one decode step, against peft; on the
+    torch reference path and on puyu's cpu kernels (fused residual + RMSNorm and rotary + cache write)."""
     path, adapters, refs = lora_case
     spec, weights = load_model_weights(path, torch.float32)
     device = torch.device(DEVICE)
-    model = DecoderModel(spec, {k: v.to(device) for k, v in weights.items()}, device, "torch")
+    model = DecoderModel(spec, {k: v.to(device) for k, v in weights.items()}, device, kernels)
     model.lora = RowLora({n: load_peft_adapter(d, spec, torch.float32, device) for n, d in adapters.items()})
     cache = KVCacheStorage(spec.num_layers, 32, 16, spec.num_kv_heads, spec.head_dim, torch.float32, device)
     bm = BlockManager(32, 16)
