@@ -148,6 +148,7 @@ class GenerationConfig:
     # logprobs of the prompt's tokens (each but the first, given those before it), with k alternatives; such a
     # request skips the prefix cache (every prompt position must be computed)
     prompt_logprobs: Optional[int] = None
+    adapter_name: Optional[str] = None  # the loaded LoRA adapter this request runs with (None: the base model)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -187,6 +188,8 @@ class GenerationConfig:
               "logit_bias", "must map token ids to numbers in [-100, 100]")
         check(self.guide is None or (isinstance(self.guide, Guide) and self.guide.kind in GUIDE_KINDS),
               "guide", f"must be a Guide of kind {', '.join(GUIDE_KINDS)}")
+        check(self.adapter_name is None or (isinstance(self.adapter_name, str) and self.adapter_name != ""),
+              "adapter_name", "must be a non-empty string")
 
     @property
     def greedy(self) -> bool:

@@ -36,10 +36,14 @@ def chain_hash(prev: Optional[int], tokens: tuple[int, ...]) -> int:
 
 
 def chain_root(seq: Sequence) -> Optional[int]:
-    """Where the hash chain of `seq` starts: its cache salt (tenant, API key) is folded into the first block's hash,
-    so requests under different salts never share (or learn of) each other's cached blocks."""
-    salt = seq.gen_config.cache_salt
-    return None if salt is None else hash(("cache_salt", salt))
+    """Where the hash chain of `seq` starts: its cache salt (tenant, API key) and its LoRA adapter are folded into the
+    first block's hash, so requests under different salts never share (or learn of) each other's cached blocks, and
+    blocks computed under one adapter (its K/V differ: the adapter changes w_qkv) are never reused under another or
+    under the base model. The adapter key changes on every load, so a reloaded name never meets stale blocks."""
+    salt, adapter = seq.gen_config.cache_salt, seq.adapter_key
+    if salt is None and adapter is None:
+        return None
+    return hash(("cache_salt", salt) if adapter is None else ("cache_salt", salt, "adapter", adapter))
 
 
 class BlockManager:

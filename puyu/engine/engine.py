@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import uuid
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, AsyncGenerator, Callable, Generator, Optional, Union
 
@@ -30,7 +31,7 @@ class AsyncEngine:
     engine: LLMEngine  # built on, and used only by, the engine thread (its counters are read from others)
 
     def __init__(self, model_path: Union[str, Path, None] = None, config: Optional[EngineConfig] = None,
-                 **options: Any):
+                 adapters: Optional[dict[str, Union[str, Path]]] = None, **options: Any):
         if config is None:
             config = EngineConfig.from_dict(options)
         elif options:
@@ -39,7 +40,7 @@ class AsyncEngine:
         self._commands: list[tuple[str, Any]] = []
         self._sinks: dict[str, Sink] = {}
         self._closed = False
-        self._start_thread(model_path, config)
+        self._start_thread(model_path, config, adapters)
         self.config = self.engine.config
         self.tokenizer = self.engine.tokenizer
         self.spec = self.engine.spec
@@ -47,7 +48,8 @@ class AsyncEngine:
         self.model_path = self.engine.model_path
         self.session_len = self.engine.session_len
 
-    def _start_thread(self, model_path: Union[str, Path, None], config: EngineConfig) -> None:
+    def _start_thread(self, model_path: Union[str, Path, None], config: EngineConfig,
+                      adapters: Optional[dict[str, Union[str, Path]]] = None) -> None:
         """Start the engine thread and build the LLMEngine on it; its errors are raised here.
 
         All torch work (loading, packing, every step) stays on that one thread: when two threads run OpenMP
@@ -59,7 +61,7 @@ class AsyncEngine:
 
         def run() -> None:
             try:
-                self.engine = LLMEngine(model_path, config)
+                self.engine = LLMEngine(model_path, config, adapters)
             except BaseException as exc:  # re-raised in the constructor's thread
                 failed.append(exc)
                 return
@@ -97,6 +99,29 @@ class AsyncEngine:
         """True while the engine thread runs and takes requests (False after close() or a crash)."""
         return self._thread.is_alive() and not self._closed
 
+    @property
+    def adapters(self) -> dict[str, Path]:
+        """The loaded LoRA adapters: name -> directory (a copy)."""
+        return dict(self.engine.adapters)
+
+    def load_adapter(self, name: str, path: Union[str, Path]) -> Future:
+        """Load a PEFT LoRA adapter on the engine thread, between steps; the future's exception, if any, is an
+        AdapterError or ValueError naming the file and field (or the name)."""
+        return self._adapter_command("load_adapter", (name, path))
+
+    def unload_adapter(self, name: str) -> Future:
+        """Drop a loaded adapter on the engine thread (refused, in the future, while a request uses it)."""
+        return self._adapter_command("unload_adapter", (name,))
+
+    def _adapter_command(self, kind: str, args: tuple) -> Future:
+        done: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._commands.append((kind, (args, done)))
+            self._cv.notify()
+        return done
+
     def stats(self) -> dict[str, Any]:
         """A snapshot of the engine's counters (read without stopping the engine thread)."""
         return self.engine.stats()
@@ -126,6 +151,7 @@ class AsyncEngine:
         if not isinstance(gen_config, GenerationConfig):
             raise ValueError(f"gen_config: must be a GenerationConfig, got {type(gen_config).__name__}")
         gen_config.validate()
+        self.engine.check_adapter(gen_config)
         self.engine.check_request(gen_config)
         ids = self.engine.prepare_request(prompt)
         return ids, gen_config, request_id or uuid.uuid4().hex
@@ -197,6 +223,9 @@ class AsyncEngine:
                     outs = [o for rid in list(self.engine.requests) if (o := self.engine.abort(rid)) is not None]
                     outs += [StreamOutput(finish_reason="abort", request_id=payload[0])
                              for kind, payload in self._commands if kind == "add"]
+                    for kind, payload in self._commands:
+                        if kind.endswith("_adapter"):
+                            payload[1].set_exception(RuntimeError("the engine is closed"))
                     self._commands = []
                     self._deliver(outs)
                     return
@@ -217,6 +246,15 @@ class AsyncEngine:
         kind, payload = cmd
         if kind == "abort":
             return self.engine.abort(payload)
+        if kind in ("load_adapter", "unload_adapter"):
+            args, done = payload
+            try:
+                getattr(self.engine, kind)(*args)
+            except Exception as exc:  # the caller gets it; the engine goes on
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+            return None
         request_id, (ids, images), gen_config = payload
         try:
             self.engine.add_request(request_id, ids, gen_config, images)

@@ -70,7 +70,8 @@ def _is_quant_param(name: str) -> bool:
 
 
 class LLMEngine:
-    def __init__(self, model_path: Union[str, Path, None] = None, config: Optional[EngineConfig] = None):
+    def __init__(self, model_path: Union[str, Path, None] = None, config: Optional[EngineConfig] = None,
+                 adapters: Optional[dict[str, Union[str, Path]]] = None):
         self.config = config = config or EngineConfig()
         config.validate()
         if config.tp != 1:
@@ -88,6 +89,11 @@ class LLMEngine:
         self._init_cache()
         self.requests: dict[str, _Request] = {}
         self.tokens_generated = 0
+        self.adapters: dict[str, Path] = {}  # loaded LoRA adapter name -> its directory
+        self._adapter_keys: dict[str, str] = {}
+        self._adapter_loads = 0
+        for name, adapter_path in (adapters or {}).items():
+            self.load_adapter(name, adapter_path)
 
     def _load_vision(self):
         if not self.spec.vision:
@@ -117,6 +123,41 @@ class LLMEngine:
         self.block_manager = BlockManager(blocks, c.cache_block_seq_len, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_prefill_token_num, self.session_len)
         self.runner = ModelRunner(self.model, self.cache)
+
+    # ---- LoRA adapters --------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: Union[str, Path]) -> None:
+        """Load the PEFT LoRA adapter in directory `path` under `name` (requests choose it by
+        `GenerationConfig.adapter_name`). Raises AdapterError (the file and the field) or ValueError (the name)."""
+        from .peft_adapter import load_peft_adapter
+
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"lora_name: must be a non-empty string, got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"lora_name: adapter {name!r} is already loaded")
+        if name in self.model.lora.adapters or name == self.model_name:
+            raise ValueError(f"lora_name: {name!r} is taken by the model itself")
+        layers = load_peft_adapter(path, self.spec, self.dtype, self.device)
+        self._adapter_loads += 1
+        self.model.lora.add(name, layers)
+        self.adapters[name] = Path(path)
+        self._adapter_keys[name] = f"{name}#{self._adapter_loads}"
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop a loaded adapter; refused while a request runs with it."""
+        if name not in self.adapters:
+            raise ValueError(f"lora_name: no adapter {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+        users = [rid for rid, r in self.requests.items() if r.seq.gen_config.adapter_name == name]
+        if users:
+            raise ValueError(f"lora_name: adapter {name!r} is in use by {len(users)} running request(s)")
+        self.model.lora.remove(name)
+        del self.adapters[name], self._adapter_keys[name]
+
+    def check_adapter(self, gen_config: GenerationConfig) -> None:
+        """ValueError naming `adapter_name` when it names no loaded adapter."""
+        name = gen_config.adapter_name
+        if name is not None and name not in self.adapters:
+            raise ValueError(f"adapter_name: no adapter {name!r} is loaded "
+                             f"(loaded: {', '.join(self.adapters) or 'none'})")
 
     # ---- requests -------------------------------------------------------------------------------------------------
     def prepare_prompt(self, prompt: Prompt) -> list[int]:
@@ -180,13 +221,15 @@ class LLMEngine:
         if len(prompt_ids) > self.session_len:
             raise PromptTooLongError(len(prompt_ids), self.session_len)
         gen_config.validate()
+        self.check_adapter(gen_config)
         self.check_request(gen_config)
         stop = set(gen_config.stop_token_ids or ())
         if not gen_config.ignore_eos:
             stop |= set(self.tokenizer.stop_token_ids)
         seq = Sequence(request_id, list(prompt_ids), gen_config,
                        generator=None if gen_config.greedy else make_generator(gen_config.random_seed),
-                       stop_ids=frozenset(stop), images=self._encode_images(images) if images else [])
+                       stop_ids=frozenset(stop), images=self._encode_images(images) if images else [],
+                       adapter_key=self._adapter_keys.get(gen_config.adapter_name or ""))
         text = TextStream(self.tokenizer, gen_config.skip_special_tokens, gen_config.stop_words,
                           gen_config.include_stop_str_in_output)
         guide = None if gen_config.guide is None else self.grammars.matcher(gen_config.guide, sorted(stop))

@@ -43,6 +43,7 @@ class ModelRunner:
         seq_lens: list[tuple[int, int]] = []
         image_rows: list[int] = []
         image_embeds: list[torch.Tensor] = []
+        adapter_rows: dict[str, list[int]] = defaultdict(list)  # adapter name -> rows of its requests
         for index, item in enumerate(step):
             seq, start, n = item.seq, item.start, item.num_tokens
             row = len(ids)
@@ -50,6 +51,8 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             write_slots.extend(slot_list(seq.block_table, start, start + n, self.block_size))
             seq_lens.append((n, start + n))
+            if seq.gen_config.adapter_name is not None:
+                adapter_rows[seq.gen_config.adapter_name].extend(range(row, row + n))
             for im in seq.images:
                 lo, hi = max(start, im.start), min(start + n, im.end)
                 if lo < hi:
@@ -76,10 +79,7 @@ class ModelRunner:
         batch.groups = [self._fresh_group(rows, n, write_slots) for n, rows in fresh.items()]
         if decode_items:
             batch.decode = self._decode_batch(decode_items, decode_rows)
-        inputs = None
-        if image_rows:  # image features replace the placeholder embeddings; Partial LoRA applies on those rows
-            rows = self._tensor(image_rows)
-            inputs = StepInputs(embed_rows=rows, embeds=torch.cat(image_embeds), lora_rows={"plora": rows})
+        inputs = self._step_inputs(image_rows, image_embeds, adapter_rows) if image_rows or adapter_rows else None
         logits = self.model.forward(self._tensor(ids), self._tensor(positions), batch, self.cache,
                                     self._tensor(logit_rows + extra), seq_lens, inputs)
         self.prompt_logits, at = {}, len(logit_rows)
@@ -87,6 +87,17 @@ class ModelRunner:
             self.prompt_logits[index] = logits[at:at + count]
             at += count
         return logits[:len(logit_rows)] if prompt_rows else logits
+
+    def _step_inputs(self, image_rows: list[int], image_embeds: list[torch.Tensor],
+                     adapter_rows: dict[str, list[int]]) -> StepInputs:
+        """Image features replace the placeholder embeddings, Partial LoRA ('plora') applies on those rows; each
+        request's LoRA adapter applies on all of its rows."""
+        extra = StepInputs(lora_rows={name: self._tensor(rows) for name, rows in adapter_rows.items()})
+        if image_rows:
+            extra.embed_rows = self._tensor(image_rows)
+            extra.embeds = torch.cat(image_embeds)
+            extra.lora_rows["plora"] = extra.embed_rows
+        return extra
 
     def _fresh_group(self, rows: list[int], q_len: int, write_slots: list[int]) -> PrefillGroup:
         """Fresh prompts attend only over themselves: their context slots are the slots they write."""

@@ -5,6 +5,8 @@
     pipe(["Hi", "Bonjour"], GenerationConfig(max_new_tokens=64))   # -> [Response, Response], run as one batch
     pipe(("Describe the image", image))         # a vision model: (text, image or [images]); a PIL image or a path
     for delta in pipe.stream_infer("Hi"): ...   # Response deltas
+    pipe = puyu.pipeline(model, adapters={"sql": "path/to/peft-adapter"})
+    pipe("Hi", GenerationConfig(adapter_name="sql"))   # per request; a batch may mix adapters and the base
 """
 from __future__ import annotations
 
@@ -143,6 +145,13 @@ class Pipeline:
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    def load_adapter(self, name: str, path: Union[str, Path]) -> None:
+        """Load a PEFT LoRA adapter under `name` (AdapterError names the file and the field)."""
+        self.engine.load_adapter(name, path).result()
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name).result()
+
     def close(self) -> None:
         self.engine.close()
 
@@ -166,9 +175,11 @@ def _accumulate(resp: Response, out: StreamOutput) -> Response:
 
 
 def pipeline(model_path: Union[str, Path, None] = None, backend_config: Optional[EngineConfig] = None,
-             **engine_options: Any) -> Pipeline:
-    """Load a model (None: puyu-tiny) and return a callable pipeline; options are `EngineConfig` fields."""
+             adapters: Optional[dict[str, Union[str, Path]]] = None, **engine_options: Any) -> Pipeline:
+    """Load a model (None: puyu-tiny) and return a callable pipeline; options are `EngineConfig` fields.
+    `adapters` maps names to PEFT LoRA adapter directories; a request picks one with
+    `GenerationConfig(adapter_name=...)`."""
     config = backend_config if backend_config is not None else EngineConfig.from_dict(engine_options)
     if backend_config is not None and engine_options:
         raise ValueError(f"{sorted(engine_options)[0]}: pass engine options in backend_config or as keywords")
-    return Pipeline(AsyncEngine(model_path, config))
+    return Pipeline(AsyncEngine(model_path, config, adapters))

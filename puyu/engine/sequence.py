@@ -59,6 +59,8 @@ class Sequence:
     def wants_prompt_logprobs(self) -> bool:
         """Asked for, and not all collected yet (a recomputed prompt after preemption is not collected twice)."""
         return self.gen_config.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
+    # the identity of the loaded LoRA adapter it runs with (its name and load number): keys its prefix-cache blocks
+    adapter_key: Optional[str] = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn) on top of any engine that follows the AsyncEngine contract.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /tokenize, POST /detokenize,
-GET /health, GET /metrics.
+GET /health, GET /metrics, and POST /v1/load_lora_adapter, /v1/unload_lora_adapter (lora_api.py: `model` may name a
+loaded LoRA adapter).
 Every error is OpenAI's error JSON with the matching status; an exception inside one request answers that request
 with a 500 and leaves the server and the other requests running.
 """
@@ -21,6 +22,8 @@ from ..engine.client import EngineClient
 from .chat_api import ChatCompletion
 from .completions_api import Completion
 from .errors import APIError, from_validation_errors
+from .lora_api import SCOPE_KEY as ADAPTER_SCOPE_KEY
+from .lora_api import adapter_cards, adapter_for, add_lora_routes
 from .http_protocol import DEFAULT_HEADER_TIMEOUT, with_header_timeout
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, APIKeyMiddleware, RequestCountMiddleware,
@@ -80,20 +83,16 @@ def create_app(engine: EngineClient, model_name: Optional[str] = None, api_keys:
                                           else Path(allowed_local_media_path).resolve())
     _install_error_handlers(app)
 
-    def check_model(name: str) -> None:
-        if name != served:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}",
-                           param="model", code="model_not_found")
-
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         card = {"id": served, "object": "model", "created": now(), "owned_by": "puyu",
                 "max_model_len": int(engine.session_len)}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card, *adapter_cards(engine, served)]}
 
     async def answer(kind: Any, body: Any, request: Request) -> Response:
-        check_model(body.model)
-        call = kind(body, engine, metrics, served)
+        # `model` picks the base model or a LoRA adapter (vLLM's convention); the answer echoes it
+        request.scope[ADAPTER_SCOPE_KEY] = adapter_for(engine, served, body.model)
+        call = kind(body, engine, metrics, body.model)
         log.info("%s user=%s session_id=%s", call.id, body.user, body.session_id)
         return await call.respond(request)
 
@@ -105,7 +104,11 @@ def create_app(engine: EngineClient, model_name: Optional[str] = None, api_keys:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await answer(Completion, body, request)
 
+    def check_model(name: str) -> None:  # /tokenize accepts the base model's name or a loaded adapter's
+        adapter_for(engine, served, name)
+
     add_tokenize_routes(app, engine, check_model)
+    add_lora_routes(app, engine, served)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -33,16 +33,20 @@ def choose_backend(requested: Optional[str]) -> BackendChoice:
     return BackendChoice("turbomind")
 
 
-def build_engine(model: Optional[str], backend: str, config: EngineConfig) -> EngineClient:
-    """An engine following the AsyncEngine contract, for MODEL (directory, workspace, registry name or None)."""
+def build_engine(model: Optional[str], backend: str, config: EngineConfig,
+                 adapters: Optional[dict[str, str]] = None) -> EngineClient:
+    """An engine following the AsyncEngine contract, for MODEL (directory, workspace, registry name or None);
+    `adapters` (name -> PEFT LoRA directory) are loaded by the native engine only."""
     path: Path = resolve_model_path(model)
     if backend == "turbomind":
+        if adapters:
+            raise ValueError("--lora: the TurboMind backend takes no LoRA adapters; serve with --backend native")
         from .turbomind import TurboMindEngine
 
         return TurboMindEngine(path, config)
     from ..engine import AsyncEngine
 
-    return AsyncEngine(path, config)
+    return AsyncEngine(path, config, dict(adapters or {}))
 
 
 def _has_cuda() -> bool:

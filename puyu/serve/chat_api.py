@@ -16,7 +16,7 @@ from .protocol import ChatCompletionRequest, ImagePart
 from .responses import (ChoiceState, chat_logprobs, new_id, now, run_until_disconnect, sse, sse_body, sse_response,
                         usage)
 from ..engine.client import EngineClient
-from .runner import Job, cache_salt, check_context, collect, merged, start
+from .runner import Job, cache_salt, check_context, collect, merged, request_adapter, start
 from .tools import ParsedReply, ToolStreamParser, forced_prefix, parse_reply, strip_end_markers, to_internlm2_messages
 
 
@@ -105,7 +105,8 @@ class ChatCompletion:
         else:
             prompt, self.prefix = await asyncio.to_thread(render_prompt, self.engine.tokenizer, self.req)
         streams = await start(self.engine, self._jobs(prompt), self.id, self.metrics,
-                              salt=cache_salt(request.scope, self.req.cache_salt))
+                              salt=cache_salt(request.scope, self.req.cache_salt),
+                              adapter=request_adapter(request.scope))
         if self.req.stream:
             return sse_response(self._stream(streams))
         return await run_until_disconnect(request, self._whole(streams), self.metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..config import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
                       DEFAULT_TOP_P, EngineConfig, GenerationConfig, default_repetition_penalty)
@@ -35,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "but the server's own)")
     serve.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
                        help="image parts may name local files under DIR (default: data: URLs only)")
+    serve.add_argument("--lora", nargs="+", action="extend", default=None, metavar="NAME=PATH",
+                       help="PEFT LoRA adapters to load; a request picks one by its `model` (more can be loaded "
+                            "at run time: POST /v1/load_lora_adapter)")
     serve.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model folder's)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=run_serve)
@@ -63,14 +67,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.set_defaults(func=run_chat)
 
 
-def _engine(args: argparse.Namespace, config: EngineConfig):
+def lora_modules(specs: Optional[list[str]]) -> dict[str, str]:
+    """`--lora NAME=PATH ...` -> {name: path}; each PATH must be a directory (errors name the option and value)."""
+    adapters: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora: {spec!r} must be NAME=PATH")
+        if name in adapters:
+            raise ValueError(f"--lora: adapter name {name!r} is given twice")
+        if not Path(path).expanduser().is_dir():
+            raise ValueError(f"--lora: {name}={path}: {path} is not a directory")
+        adapters[name] = path
+    return adapters
+
+
+def _engine(args: argparse.Namespace, config: EngineConfig, adapters: Optional[dict[str, str]] = None):
     from .backends import build_engine, choose_backend
     from .banner import engine_banner
 
-    choice = choose_backend(args.backend)
+    # LoRA adapters run on the native engine: without an explicit --backend they choose it
+    choice = choose_backend("native" if adapters and args.backend is None else args.backend)
     if choice.note:
         print(f"puyu: {choice.note}; using the native engine", file=sys.stderr)
-    engine = build_engine(args.model, choice.name, config)
+    engine = build_engine(args.model, choice.name, config, adapters)
     print(f"puyu: {engine_banner(engine)}", file=sys.stderr, flush=True)
     return engine, choice.name
 
@@ -80,6 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.max_request_bytes < 1024:
         raise ValueError(f"--max-request-bytes: {args.max_request_bytes} is too small (at least 1024)")
     check_model_path(args.model)
+    adapters = lora_modules(args.lora)
     config = engine_config_from_args(args)
     check_bindable(args.server_name, args.server_port)
     from .api_server import create_app, run_server
@@ -89,7 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
     media = args.allowed_local_media_path
     if media is not None and not media.is_dir():
         raise ValueError(f"--allowed-local-media-path: {media} is not a directory")
-    engine, backend = _engine(args, config)
+    engine, backend = _engine(args, config, adapters)
     app = create_app(engine, model_name=args.model_name, api_keys=args.api_keys or (),
                      max_request_bytes=args.max_request_bytes, allowed_hosts=hosts,
                      allowed_origins=args.allowed_origins or (), allowed_local_media_path=media)

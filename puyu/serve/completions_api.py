@@ -13,7 +13,7 @@ from .protocol import CompletionRequest
 from .responses import (ChoiceState, completion_logprobs, echo_logprobs, new_id, now, run_until_disconnect, sse,
                         sse_body, sse_response, usage)
 from ..engine.client import EngineClient
-from .runner import Job, cache_salt, check_context, collect, merged, start
+from .runner import Job, cache_salt, check_context, collect, merged, request_adapter, start
 
 
 class Completion:
@@ -64,7 +64,8 @@ class Completion:
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt", code="invalid_value") from None
         streams = await start(self.engine, jobs, self.id, self.metrics, prompt_field="prompt",
-                              salt=cache_salt(request.scope, self.req.cache_salt))
+                              salt=cache_salt(request.scope, self.req.cache_salt),
+                              adapter=request_adapter(request.scope))
         if self.req.stream:
             return sse_response(self._stream(streams))
         return await run_until_disconnect(request, self._whole(streams), self.metrics)

@@ -100,13 +100,21 @@ def cache_salt(scope: Mapping[str, Any], requested: Optional[str]) -> Optional[s
     return who if requested is None else f"{who}/{requested}"
 
 
+def request_adapter(scope: Mapping[str, Any]) -> Optional[str]:
+    """The LoRA adapter the request's `model` selected (api_server's `answer` put it in the scope; None: base)."""
+    from .lora_api import SCOPE_KEY
+
+    return scope.get(SCOPE_KEY)
+
+
 async def start(engine: EngineClient, jobs: Sequence[Job], request_id: str, metrics: ServerMetrics,
-                prompt_field: str = "messages", salt: Optional[str] = None) -> list[ChoiceStream]:
+                prompt_field: str = "messages", salt: Optional[str] = None,
+                adapter: Optional[str] = None) -> list[ChoiceStream]:
     """Submit every job and wait for its first output; on any failure abort the others and raise APIError.
-    `salt`: the prefix-cache namespace given to every job (see `cache_salt`)."""
-    if salt is not None:
-        jobs = [dataclasses.replace(job, gen_config=dataclasses.replace(job.gen_config, cache_salt=salt))
-                for job in jobs]
+    `salt`: the prefix-cache namespace given to every job (see `cache_salt`); `adapter`: the LoRA adapter."""
+    if salt is not None or adapter is not None:
+        jobs = [dataclasses.replace(job, gen_config=dataclasses.replace(job.gen_config, cache_salt=salt,
+                                                                        adapter_name=adapter)) for job in jobs]
     started: list[ChoiceStream] = []
     t0 = time.perf_counter()
     try:

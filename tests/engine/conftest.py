@@ -27,17 +27,18 @@ def reference_model():
 
 @pytest.fixture
 def make_pipeline() -> Iterator:
-    """`make(path, **engine_options)` -> a Pipeline (fp32, small absolute cache), closed after the test."""
+    """`make(path, adapters=None, **engine_options)` -> a Pipeline (fp32, small absolute cache), closed after the
+    test; `adapters` maps names to PEFT LoRA adapter directories."""
     from puyu.engine.pipeline import pipeline
 
     made = []
 
-    def make(path, **options):
+    def make(path, adapters=None, **options):
         options.setdefault("cache_max_entry_count", 64)
         options.setdefault("cache_block_seq_len", 16)
         options.setdefault("dtype", "float32")
         options.setdefault("device", DEVICE)
-        pipe = pipeline(path, backend_config=EngineConfig(**options))
+        pipe = pipeline(path, backend_config=EngineConfig(**options), adapters=adapters)
         made.append(pipe)
         return pipe
 
