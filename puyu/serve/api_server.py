@@ -67,12 +67,13 @@ def create_app(engine: EngineClient, model_name: Optional[str] = None, api_keys:
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                allowed_hosts: Optional[Sequence[str]] = ("localhost", "127.0.0.1", "::1"),
                allowed_origins: Sequence[str] = (), body_timeout: float = DEFAULT_BODY_TIMEOUT,
-               allowed_local_media_path: Optional[Path] = None) -> FastAPI:
+               allowed_local_media_path: Optional[Path] = None, allow_runtime_lora: bool = False) -> FastAPI:
     """The ASGI app serving `engine` under `model_name` (default: the engine's). `api_keys`: required keys on every
     path but /health. `max_request_bytes`: the largest request body (413 beyond). `allowed_hosts`: accepted Host
     names (None or '*': any). `allowed_origins`: browser origins allowed besides the server's own ('*': any), with
     CORS headers for them. `body_timeout`: seconds allowed between two chunks of a request body (408 beyond).
     `allowed_local_media_path`: the folder image parts may name local files in (None: no local files).
+    `allow_runtime_lora`: mount /v1/load_lora_adapter and /v1/unload_lora_adapter (they read server-side paths).
     The caller owns the engine (and closes it)."""
     served = model_name or engine.model_name
     metrics = ServerMetrics(getattr(engine, "stats", None))
@@ -108,7 +109,8 @@ def create_app(engine: EngineClient, model_name: Optional[str] = None, api_keys:
         adapter_for(engine, served, name)
 
     add_tokenize_routes(app, engine, check_model)
-    add_lora_routes(app, engine, served)
+    if allow_runtime_lora:
+        add_lora_routes(app, engine, served)
 
     @app.get("/health")
     async def health() -> JSONResponse:

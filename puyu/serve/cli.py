@@ -37,8 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
                        help="image parts may name local files under DIR (default: data: URLs only)")
     serve.add_argument("--lora", nargs="+", action="extend", default=None, metavar="NAME=PATH",
-                       help="PEFT LoRA adapters to load; a request picks one by its `model` (more can be loaded "
-                            "at run time: POST /v1/load_lora_adapter)")
+                       help="PEFT LoRA adapters to load; a request picks one by its `model`")
+    serve.add_argument("--allow-runtime-lora", action="store_true",
+                       help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default: a "
+                            "client could make the server read any local directory; vLLM asks for the same opt-in)")
     serve.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model folder's)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=run_serve)
@@ -113,7 +115,8 @@ def run_serve(args: argparse.Namespace) -> int:
     engine, backend = _engine(args, config, adapters)
     app = create_app(engine, model_name=args.model_name, api_keys=args.api_keys or (),
                      max_request_bytes=args.max_request_bytes, allowed_hosts=hosts,
-                     allowed_origins=args.allowed_origins or (), allowed_local_media_path=media)
+                     allowed_origins=args.allowed_origins or (), allowed_local_media_path=media,
+                     allow_runtime_lora=args.allow_runtime_lora)
     print(f"puyu serve: {app.state.model_name} ({backend} backend) on http://{args.server_name}:{args.server_port}"
           f"{' (API keys required)' if args.api_keys else ''}", file=sys.stderr, flush=True)
     try:
