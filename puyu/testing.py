@@ -10,10 +10,11 @@ They live in the package because tests/<area>/ folders have no common import pat
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from puyu.bench.server_proc import ServerProcess, free_port, offline_env
 
@@ -48,6 +49,27 @@ class ServerThread:
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def serving(engine: Any, model_name: str, **app_options: Any) -> Iterator[ServerThread]:
+    """puyu's API server over `engine` in a thread (`srv.engine` is the engine); the engine is closed afterwards."""
+    from puyu.serve.api_server import create_app
+
+    try:
+        with ServerThread(create_app(engine, model_name=model_name, **app_options)) as srv:
+            srv.engine = engine  # type: ignore[attr-defined]
+            yield srv
+    finally:
+        engine.close()
+
+
+def openai_client(server: Any, **options: Any) -> Any:
+    """The openai SDK on a test server: no retries (a failure shows at once), a generous timeout for 2 cores."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                         **{"timeout": 120, **options})
 
 
 def load_shards(model_dir: Path) -> dict[str, dict[str, Any]]:

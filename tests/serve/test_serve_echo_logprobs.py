@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import math
 
-import openai
 import pytest
 import torch
 
 from puyu.config import EngineConfig
 from puyu.convert.reference import load_reference_model
-from puyu.serve.api_server import create_app
-from puyu.testing import ServerThread
+from puyu.testing import openai_client, serving
 
 MODEL = "tiny"
 PROMPT = "The quick brown fox jumps over the lazy dog. 你好，今天天气很好。"
@@ -26,15 +24,13 @@ def server(internlm2_checkpoint):
     engine = AsyncEngine(internlm2_checkpoint, EngineConfig(session_len=256, cache_max_entry_count=64,
                                                             cache_block_seq_len=16, max_prefill_token_num=8,
                                                             dtype="float32"))
-    with ServerThread(create_app(engine, model_name=MODEL)) as srv:
-        srv.engine = engine
+    with serving(engine, MODEL) as srv:
         yield srv
-    engine.close()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import openai
 import pytest
 
 from puyu.config import EngineConfig
-from puyu.serve.api_server import create_app
-from puyu.testing import ServerThread
+from puyu.testing import openai_client, serving
 from puyu.tiny import puyu_tiny_path
 
 MODEL = "puyu-tiny"
@@ -23,15 +22,13 @@ def server(tmp_path_factory):
 
     engine = AsyncEngine(puyu_tiny_path(tmp_path_factory.mktemp("models")),
                          EngineConfig(session_len=SESSION, cache_max_entry_count=128, cache_block_seq_len=16))
-    with ServerThread(create_app(engine, model_name=MODEL)) as srv:
-        srv.engine = engine
+    with serving(engine, MODEL) as srv:
         yield srv
-    engine.close()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def test_serve_prompt_plus_max_tokens_over_the_context_is_a_400(client, server):

@@ -9,7 +9,7 @@ import pytest
 
 from puyu.config import EngineConfig, GenerationConfig
 from puyu.serve.api_server import create_app
-from puyu.testing import ServerThread
+from puyu.testing import ServerThread, openai_client, serving
 from puyu.tiny import puyu_tiny_path
 
 MODEL = "puyu-tiny"
@@ -30,15 +30,13 @@ def _engine(model_dir):
 @pytest.fixture(scope="module")
 def server(model_dir):
     engine = _engine(model_dir)
-    with ServerThread(create_app(engine, model_name=MODEL)) as srv:
-        srv.engine = engine
+    with serving(engine, MODEL) as srv:
         yield srv
-    engine.close()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def greedy_ids(server, n: int = 12, **options) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 
 from puyu.config import EngineConfig
 from puyu.serve.api_server import create_app
-from puyu.testing import ServerThread, default_model_gguf
+from puyu.testing import ServerThread, default_model_gguf, serving
 from puyu.tiny import puyu_tiny_path
 from serve_testlib import conforms
 
@@ -42,10 +42,8 @@ def server(tmp_path_factory):
 
     engine = AsyncEngine(puyu_tiny_path(tmp_path_factory.mktemp("models")),
                          EngineConfig(session_len=1024, cache_max_entry_count=256, cache_block_seq_len=16))
-    with ServerThread(create_app(engine, model_name=MODEL)) as srv:
-        srv.engine = engine
+    with serving(engine, MODEL) as srv:
         yield srv
-    engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import openai
 import pytest
 
 from puyu.config import EngineConfig
-from puyu.serve.api_server import create_app
-from puyu.testing import ServerThread
+from puyu.testing import openai_client, serving
 from puyu.chat_templates import INTERNLM2_CHAT_TEMPLATE
 from puyu.tokenizer import render_chat
 from serve_testlib import scripted_checkpoint
@@ -32,15 +31,13 @@ def server(scripted_dir):
 
     engine = AsyncEngine(scripted_dir, EngineConfig(session_len=512, cache_max_entry_count=128,
                                                     cache_block_seq_len=16))
-    with ServerThread(create_app(engine, model_name=MODEL)) as srv:
-        srv.engine = engine
+    with serving(engine, MODEL) as srv:
         yield srv
-    engine.close()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def test_serve_tool_call_whole(client):
