@@ -37,7 +37,12 @@ def chain_hash(prev: Optional[int], tokens: tuple[int, ...]) -> int:
 def chain_root(seq: Sequence) -> Optional[int]:
     """Where the hash chain of `seq` starts: its cache salt (tenant, API key) is folded into the first block's hash,
     so requests under different salts never share (or learn of) each other's cached blocks."""
-    salt = seq.gen_config.cache_salt
+    return salt_root(seq.gen_config.cache_salt)
+
+
+def salt_root(salt: Optional[str]) -> Optional[int]:
+    """The first link of the hash chain under cache salt `salt` (None: no salt). A string hash: equal within one
+    process only (PYTHONHASHSEED), so a router in another process computes its own chains, never compares ours."""
     return None if salt is None else hash(("cache_salt", salt))
 
 
