@@ -16,6 +16,7 @@ from ..config import EngineConfig
 from .routing import DEFAULT_IMBALANCE, POLICIES
 
 DEPLOYMENT = "EngineReplica"
+START_ATTEMPTS = 3
 INSTALL_HINT = "--replicas needs Ray Serve: pip install 'puyu[ray]'"
 
 
@@ -75,7 +76,14 @@ def start_ray(opts: ReplicaOptions, device: str) -> None:
         return
     count = opts.max_replicas or opts.replicas
     cpus = max(os.cpu_count() or 1, count * (1 if device.startswith("cuda") else opts.threads))
-    ray.init(num_cpus=cpus, runtime_env=env, include_dashboard=False, logging_level=logging.WARNING)
+    for attempt in range(START_ATTEMPTS):
+        try:
+            ray.init(num_cpus=cpus, runtime_env=env, include_dashboard=False, logging_level=logging.WARNING)
+            return
+        except Exception as exc:  # Ray gives its raylet a fixed 30 s to register, which a loaded machine can miss
+            ray.shutdown()
+            if attempt + 1 == START_ATTEMPTS or "timed out during startup" not in str(exc):
+                raise RuntimeError(f"local Ray did not start: {exc}") from exc
 
 
 def deployment_options(opts: ReplicaOptions, config: EngineConfig) -> dict[str, Any]:
