@@ -10,7 +10,6 @@ cancels the replica's request, which aborts it in its engine.
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from typing import Any, AsyncGenerator, Callable, Optional
@@ -88,7 +87,7 @@ class RayEngine:
     async def _stream(self, prompt: Prompt, gen_config: GenerationConfig, request_id: Optional[str],
                       chain: tuple[int, ...]) -> AsyncGenerator[StreamOutput, None]:
         for attempt in range(self.retries + 1):
-            response = self._handle.generate.remote(prompt, dataclasses.replace(gen_config), request_id, route=chain)
+            response = self._handle.generate.remote(prompt, gen_config, request_id, route=chain)
             streamed, finished = False, False
             try:
                 async for out in response:
