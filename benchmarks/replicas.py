@@ -79,7 +79,7 @@ def main() -> int:
             rows.append(run_setup(label, replicas, routing, args, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"workload": vars(args) | {"out": str(args.out)}, "cpu_count": os.cpu_count(),
+    args.out.write_text(json.dumps({"workload": {k: v for k, v in vars(args).items() if k != "out"}, "cpu_count": os.cpu_count(),
                                     "results": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
