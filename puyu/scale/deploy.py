@@ -72,7 +72,13 @@ def start_ray(opts: ReplicaOptions, device: str) -> None:
         return
     env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else None
     if opts.ray_address:
-        ray.init(address=opts.ray_address, runtime_env=env, logging_level=logging.WARNING)
+        try:
+            ray.init(address=opts.ray_address, runtime_env=env, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as exc:  # unreachable, or refused (a cluster with token auth)
+            ray.shutdown()
+            raise ValueError(f"--ray-address {opts.ray_address}: cannot join the Ray cluster: "
+                             f"{str(exc).strip().splitlines()[-1]} (a cluster with token authentication also "
+                             f"needs RAY_AUTH_MODE=token and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
         return
     count = opts.max_replicas or opts.replicas
     cpus = max(os.cpu_count() or 1, count * (1 if device.startswith("cuda") else opts.threads))

@@ -64,6 +64,10 @@ class RayEngine:
         self._thread.start()
 
     @property
+    def board(self) -> Any:
+        return self._board
+
+    @property
     def tokenizer(self) -> TokenizerClient:
         return self._tokenizer
 

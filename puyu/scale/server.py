@@ -55,6 +55,7 @@ def shutdown(engine: RayEngine, opts: ReplicaOptions) -> None:
     try:
         if opts.ray_address:
             serve.delete(opts.app_name)
+            ray.kill(engine.board)  # detached (a `serve deploy`ed app's must outlive its creator); ours need not
         else:
             serve.shutdown()
     finally:

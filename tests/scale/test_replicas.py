@@ -174,3 +174,34 @@ def test_a_killed_replica_fails_only_its_requests_and_comes_back(server):
              "Ray restarts the replica", limit_s=300)
     reply = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "again"}], max_tokens=3)
     assert reply.choices[0].message.content is not None
+
+
+def test_ray_address_deploys_onto_a_running_cluster(tmp_path, internlm2_checkpoint):
+    """`ray start --head --block` (its processes end with it), then `puyu serve --ray-address`: served, and the
+    app is removed from the cluster when `puyu serve` stops."""
+    import subprocess
+
+    ray_port, port = free_port(), free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--port", str(ray_port), "--num-cpus", "1",
+                             "--include-dashboard=false", "--disable-usage-stats"], env=env,
+                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        cmd = [sys.executable, "-m", "puyu.cli", "serve", str(internlm2_checkpoint), "--ray-address",
+               f"127.0.0.1:{ray_port}", "--replicas", "1", "--server-port", str(port), "--model-name", "m",
+               "--log-level", "warning", *ENGINE_FLAGS]
+        with ServerProcess(cmd, port, tmp_path / "serve.log", "/health", env=env) as proc:
+            proc.wait_ready(400)
+            reply = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="x", max_retries=0).completions.create(
+                model="m", prompt="hi", max_tokens=3)
+            assert reply.usage.completion_tokens >= 1
+            assert health(proc)["replicas"]["total"] == 1
+        check = ("import ray, sys; ray.init(address=sys.argv[1], logging_level=40); from ray import serve; "
+                 "print(sorted(serve.status().applications))")
+        apps = subprocess.run([sys.executable, "-c", check, f"127.0.0.1:{ray_port}"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert apps.stdout.strip().splitlines()[-1] == "[]", apps.stderr[-2000:]
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
