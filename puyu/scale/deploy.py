@@ -84,7 +84,8 @@ def start_ray(opts: ReplicaOptions, device: str) -> None:
     cpus = max(os.cpu_count() or 1, count * (1 if device.startswith("cuda") else opts.threads))
     for attempt in range(START_ATTEMPTS):
         try:
-            ray.init(num_cpus=cpus, runtime_env=env, include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=cpus, runtime_env=env, include_dashboard=False,
+                     logging_level=logging.WARNING)  # "local": never join a cluster found on this machine
             return
         except Exception as exc:  # Ray gives its raylet a fixed 30 s to register, which a loaded machine can miss
             ray.shutdown()

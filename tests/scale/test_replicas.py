@@ -68,6 +68,18 @@ def metric(server: ServerProcess, name: str) -> float:
     return float(m.group(1))
 
 
+def quiet(server: ServerProcess) -> dict[str, dict]:
+    """The replicas' counters once they stop changing (what earlier tests sent has been posted and read)."""
+    last = live(server)
+    for _ in range(80):
+        time.sleep(1.5)  # longer than a post (0.5 s) plus the ingress's read (0.5 s)
+        now = live(server)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the replicas' counters never settled: {last}")
+
+
 def settled(server: ServerProcess, key: str, expected: int) -> None:
     """Wait until the replicas' posted counters add up to `expected` (they post twice a second)."""
     wait_for(lambda: sum(r[key] for r in live(server).values()) >= expected, f"{key} reaches {expected}")
@@ -97,7 +109,7 @@ def test_the_api_through_two_replicas(server):
 def test_shared_prefixes_stay_on_their_replica_and_mixed_load_spreads(server):
     c = client(server)
     system = "You are a careful assistant who answers in one word. " * 12  # ~20 blocks of 16 tokens
-    before = live(server)
+    before = quiet(server)
     n = 6
     for i in range(n):
         c.chat.completions.create(model="m", max_tokens=2, temperature=0,
@@ -111,7 +123,7 @@ def test_shared_prefixes_stay_on_their_replica_and_mixed_load_spreads(server):
     assert max(hits.values()) == n - 1  # ... and every one after the first reused its cached blocks
 
     # distinct prompts sent at once: both replicas get work
-    before = after
+    before = quiet(server)
     threads = [threading.Thread(target=c.completions.create,
                                 kwargs=dict(model="m", prompt=f"topic {i} " * (5 + i), max_tokens=8,
                                             extra_body={"ignore_eos": True})) for i in range(8)]
