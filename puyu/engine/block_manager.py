@@ -41,9 +41,15 @@ def chain_root(seq: Sequence) -> Optional[int]:
     blocks computed under one adapter (its K/V differ: the adapter changes w_qkv) are never reused under another or
     under the base model. The adapter key changes on every load, so a reloaded name never meets stale blocks."""
     salt, adapter = seq.gen_config.cache_salt, seq.adapter_key
-    if salt is None and adapter is None:
-        return None
-    return hash(("cache_salt", salt) if adapter is None else ("cache_salt", salt, "adapter", adapter))
+    if adapter is None:
+        return salt_root(salt)
+    return hash(("cache_salt", salt, "adapter", adapter))
+
+
+def salt_root(salt: Optional[str]) -> Optional[int]:
+    """The first link of the hash chain under cache salt `salt` (None: no salt). A string hash: equal within one
+    process only (PYTHONHASHSEED), so a router in another process computes its own chains, never compares ours."""
+    return None if salt is None else hash(("cache_salt", salt))
 
 
 class BlockManager:

@@ -9,6 +9,7 @@ from typing import Optional
 from ..config import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
                       DEFAULT_TOP_P, EngineConfig, GenerationConfig, default_repetition_penalty)
 from ..resolve import check_model_path
+from ..scale.cli import add_replica_args, wants_replicas
 from .options import add_engine_args, engine_config_from_args
 from .ports import check_bindable
 
@@ -43,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "client could make the server read any local directory; vLLM asks for the same opt-in)")
     serve.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model folder's)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_replica_args(serve)
     serve.set_defaults(func=run_serve)
 
     chat = subparsers.add_parser(
@@ -112,11 +114,16 @@ def run_serve(args: argparse.Namespace) -> int:
     media = args.allowed_local_media_path
     if media is not None and not media.is_dir():
         raise ValueError(f"--allowed-local-media-path: {media} is not a directory")
+    app_options = dict(model_name=args.model_name, api_keys=args.api_keys or (),
+                       max_request_bytes=args.max_request_bytes, allowed_hosts=hosts,
+                       allowed_origins=args.allowed_origins or (), allowed_local_media_path=media,
+                       allow_runtime_lora=args.allow_runtime_lora)
+    if wants_replicas(args):
+        from ..scale.cli import run_replicated
+
+        return run_replicated(args, config, app_options)
     engine, backend = _engine(args, config, adapters)
-    app = create_app(engine, model_name=args.model_name, api_keys=args.api_keys or (),
-                     max_request_bytes=args.max_request_bytes, allowed_hosts=hosts,
-                     allowed_origins=args.allowed_origins or (), allowed_local_media_path=media,
-                     allow_runtime_lora=args.allow_runtime_lora)
+    app = create_app(engine, **app_options)
     print(f"puyu serve: {app.state.model_name} ({backend} backend) on http://{args.server_name}:{args.server_port}"
           f"{' (API keys required)' if args.api_keys else ''}", file=sys.stderr, flush=True)
     try:
