@@ -4,11 +4,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from ..config import GenerationConfig
+
+if TYPE_CHECKING:  # only in annotations: the scheduler's state (and the replica router) import no torch
+    import torch
 
 _arrival = itertools.count()
 
