@@ -8,9 +8,10 @@ the last one carries `finish_reason`. Leaving the stream early aborts the reques
 """
 from __future__ import annotations
 
-from typing import Any, AsyncGenerator, Optional, Protocol, Sequence, Union
+from typing import Any, AsyncGenerator, Optional, Protocol, Sequence, Union, cast
 
 from ..config import GenerationConfig
+from .errors import PromptTooLongError
 from .outputs import StreamOutput
 
 Prompt = Union[str, list[int], list[dict]]
@@ -47,3 +48,25 @@ class EngineClient(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
+
+
+def prompt_token_ids(tokenizer: TokenizerClient, prompt: Prompt, session_len: int) -> list[int]:
+    """Token ids of a prompt, the same for every engine: a string (tokenised as is, with the checkpoint's BOS), token
+    ids (checked against the vocabulary), or chat messages (rendered with the chat template). ValueError naming
+    `prompt` when it is none of these or empty; PromptTooLongError beyond `session_len`."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        messages = cast(list[dict], prompt)
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    elif isinstance(prompt, (list, tuple)):
+        ids = list(cast(list[int], prompt))
+        tokenizer.check_ids(ids, "prompt token id")
+    else:
+        raise ValueError(f"prompt: must be a string, a list of token ids or a list of chat messages, "
+                         f"got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("prompt: empty (no tokens)")
+    if len(ids) > session_len:
+        raise PromptTooLongError(len(ids), session_len)
+    return ids

@@ -151,7 +151,6 @@ class AsyncEngine:
         if not isinstance(gen_config, GenerationConfig):
             raise ValueError(f"gen_config: must be a GenerationConfig, got {type(gen_config).__name__}")
         gen_config.validate()
-        self.engine.check_adapter(gen_config)
         self.engine.check_request(gen_config)
         ids = self.engine.prepare_request(prompt)
         return ids, gen_config, request_id or uuid.uuid4().hex

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union, cast
+from typing import Any, Optional, Union
 
 import torch
 
@@ -16,7 +16,7 @@ from ..convert import load_model_weights
 from ..convert.spec import CheckpointError, ModelSpec
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
-from .client import Prompt
+from .client import Prompt, prompt_token_ids
 from .errors import PromptTooLongError
 from .grammar import Grammars, GuideState
 from .kv_cache import KVCacheStorage
@@ -162,22 +162,7 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------------------------
     def prepare_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: a string (as is), token ids, or chat messages (rendered with the chat template)."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            messages = cast(list[dict], prompt)
-            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
-        elif isinstance(prompt, (list, tuple)):
-            ids = list(cast(list[int], prompt))
-            self.tokenizer.check_ids(ids, "prompt token id")
-        else:
-            raise ValueError(f"prompt: must be a string, a list of token ids or a list of chat messages, "
-                             f"got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt: empty (no tokens)")
-        if len(ids) > self.session_len:
-            raise PromptTooLongError(len(ids), self.session_len)
-        return ids
+        return prompt_token_ids(self.tokenizer, prompt, self.session_len)
 
     def prepare_request(self, prompt: Prompt) -> tuple[list[int], list[ImageSpan]]:
         """`prepare_prompt`, plus the images of a chat prompt with image parts (a vision model only)."""
@@ -221,7 +206,6 @@ class LLMEngine:
         if len(prompt_ids) > self.session_len:
             raise PromptTooLongError(len(prompt_ids), self.session_len)
         gen_config.validate()
-        self.check_adapter(gen_config)
         self.check_request(gen_config)
         stop = set(gen_config.stop_token_ids or ())
         if not gen_config.ignore_eos:
@@ -237,8 +221,9 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def check_request(self, gen_config: GenerationConfig) -> None:
-        """The options that depend on the checkpoint: token ids in range, a guide that compiles (ValueErrors naming
-        the field)."""
+        """The options that depend on the checkpoint: a loaded adapter, token ids in range, a guide that compiles
+        (ValueErrors naming the field)."""
+        self.check_adapter(gen_config)
         self.tokenizer.check_ids(gen_config.stop_token_ids or [], "stop_token_ids: id")
         self.tokenizer.check_ids(list(gen_config.logit_bias or {}), "logit_bias: token id")
         if gen_config.guide is not None:
@@ -279,8 +264,8 @@ class LLMEngine:
                 failed[seq.request_id] = f"token {token} is not allowed by the request's grammar"
             else:
                 sampled[seq.request_id] = token
-        token_logprobs = {s.request_id: lp for s, lp in zip(done, logprobs)}
-        outputs = [self._output(u, token_logprobs[u.seq.request_id])
+        logprobs_by_id = {s.request_id: lp for s, lp in zip(done, logprobs)}
+        outputs = [self._output(u, logprobs_by_id[u.seq.request_id])
                    for u in self.scheduler.update_from_output(scheduled, sampled)]
         for request_id, error in failed.items():
             if (out := self.abort(request_id, "error", error)) is not None:

@@ -135,26 +135,13 @@ class TurboMindEngine:
         if callable(close):
             close()
 
-    def prompt_ids(self, prompt: Any) -> list[int]:
-        """Token ids of a prompt as the native engine makes them: a string, token ids, or chat messages."""
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
-        if isinstance(prompt, (list, tuple)) and prompt:
-            ids = list(prompt)
-            self.tokenizer.check_ids(ids, "prompt token id")
-            return ids
-        raise ValueError("prompt: expected a string, token ids or chat messages")
-
     async def generate(self, prompt: Any, gen_config: GenerationConfig,
                        request_id: Optional[str] = None) -> AsyncGenerator[Any, None]:
-        from puyu.engine import PromptTooLongError, StreamOutput
+        from puyu.engine import StreamOutput
+        from puyu.engine.client import prompt_token_ids
 
         session_id = next(self._ids)
-        ids = self.prompt_ids(prompt)
-        if len(ids) > self.session_len:
-            raise PromptTooLongError(len(ids), self.session_len)
+        ids = prompt_token_ids(self.tokenizer, prompt, self.session_len)
         finished, started = False, False
         self._waiting += 1
         try:
